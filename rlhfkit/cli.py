@@ -1,0 +1,112 @@
+"""``rlhfkit <command> --config FILE.yaml [dotted.key=value ...]``.
+
+Each command is a module with a ``Config`` dataclass and ``run(cfg, resume=False) -> dict``
+(training recipes), or a module with ``main(argv) -> int`` (apps with their own arguments).
+Bad input exits 2 with one ``error:`` line (``--debug`` shows the traceback); an interrupted
+training run writes a checkpoint and exits 130 (SIGINT) or 143 (SIGTERM).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+from rlhfkit.config import UserError, describe, load_config
+
+# command -> (module, preset overrides applied before the file's keys)
+COMMANDS: dict[str, tuple[str, list[str]]] = {
+    "sft": ("rlhfkit.recipes.sft", []),
+    "reward": ("rlhfkit.recipes.reward", []),
+    "ppo": ("rlhfkit.recipes.ppo", []),
+    "dpo": ("rlhfkit.recipes.dpo", []),
+    "kto": ("rlhfkit.recipes.kto", []),
+    "grpo": ("rlhfkit.recipes.grpo", []),
+    "rloo": ("rlhfkit.recipes.grpo", ["algorithm=rloo"]),
+    "ilql": ("rlhfkit.recipes.ilql", []),
+    "prefs": ("rlhfkit.recipes.prefs", []),
+    "eval": ("rlhfkit.recipes.evaluate", []),
+    "run": ("rlhfkit.recipes.pipeline", []),
+    "demo": ("rlhfkit.recipes.demo", []),
+    "label": ("rlhfkit.apps.label", []),
+    "view": ("rlhfkit.apps.view", []),
+}
+
+USAGE = """usage: rlhfkit <command> --config FILE.yaml [key.sub=value ...] [--resume] [--debug]
+       rlhfkit <command> --help      (every config key with its default and meaning)
+
+commands: """ + ", ".join(COMMANDS)
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict[str, bool]]:
+    """Split ``--config FILE``, flags and ``key=value`` overrides."""
+    config_path = None
+    overrides: list[str] = []
+    flags = {"resume": False, "debug": False, "help": False}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a file name")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.lstrip("-") in flags and arg.startswith("--"):
+            flags[arg[2:]] = True
+        elif arg in ("-h",):
+            flags["help"] = True
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise UserError(f"unexpected argument '{arg}' (overrides look like key.sub=value)")
+        i += 1
+    return config_path, overrides, flags
+
+
+def print_help(command: str, cls: type) -> None:
+    print(f"rlhfkit {command} --config FILE.yaml [key=value ...]\n")
+    for key, default, doc in describe(cls):
+        print(f"  {key} = {default}")
+        if doc:
+            print(textwrap.indent(textwrap.fill(doc, 92), "      "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            import difflib
+
+            guess = difflib.get_close_matches(command, COMMANDS, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            raise UserError(f"unknown command '{command}'{hint} (commands: {', '.join(COMMANDS)})")
+        module_name, preset = COMMANDS[command]
+        module = importlib.import_module(module_name)
+        if hasattr(module, "main"):
+            return int(module.main(rest) or 0)
+        config_path, overrides, flags = parse_args(rest)
+        if flags["help"]:
+            print_help(command, module.Config)
+            return 0
+        cfg = load_config(module.Config, config_path, preset + overrides)
+        module.run(cfg, resume=flags["resume"])
+        return 0
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
