@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from rlhfkit.engine import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"error: {e}", file=sys.stderr)
+            return e.code
+        raise
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

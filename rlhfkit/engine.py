@@ -1,0 +1,341 @@
+"""The one training-loop helper every recipe uses.
+
+``Engine`` owns what is the same in every algorithm: accelerate set-up (CPU, one or many GPUs,
+DDP/FSDP/DeepSpeed from the accelerate config), the AdamW optimizer and the warm-up schedule,
+gradient accumulation, clipping, mixed precision on GPU, checkpoints and ``--resume``, SIGINT/
+SIGTERM, ``metrics.jsonl``, ``summary.json`` and the progress bar. A recipe keeps the maths:
+it calls ``engine.step(loss_fn, micro_batches, weights)`` once per optimizer step.
+
+Gradient accumulation is exact: each micro-batch loss (a mean over its own units, e.g. tokens or
+pairs) is scaled by ``weight_i / sum(weights)`` over all micro-batches *and processes*, so k
+micro-batches of b rows give the gradient of one batch of k*b rows, and two processes give the
+gradient of one process on the concatenated batch.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.utils import append_jsonl, atomic_write_json, logger, peak_rss_mb, seed_everything
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was written on SIGINT (exit 130) or SIGTERM (exit 143)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"interrupted; checkpoint written (exit {code})")
+        self.code = code
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens in a batch: every ``*attention_mask``, or the packed count."""
+    if "n_real_tokens" in batch:
+        return int(batch["n_real_tokens"])
+    return int(sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))
+
+
+def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
+    """accelerate's mixed_precision: ``no`` on CPU (fp32), ``bf16`` on a GPU that supports it."""
+    if cfg.precision == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+
+
+class Engine:
+    def __init__(self, cfg: TrainConfig, command: str, full_config: Any, model: nn.Module, total_steps: int,
+                 resume: bool = False, state: Optional[dict] = None):
+        """Set up accelerate, the optimizer and scheduler over ``model``'s trainable parameters.
+
+        ``state`` is a recipe's own JSON-able state (e.g. the adaptive KL coefficient); it is
+        saved in checkpoints and, after ``resume``, restored into the same dict.
+        """
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.cfg = cfg
+        self.command = command
+        self.out = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        cpu = cfg.cpu or not torch.cuda.is_available()
+        device_type = "cpu" if cpu else "cuda"
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg, device_type))
+        self.is_main = self.accelerator.is_main_process
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.device = self.accelerator.device
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("model has no trainable parameters")
+        self.n_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                      weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
+                                  optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.total_steps = total_steps
+        self.step_count = 0
+        self.samples = 0
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self.state = state if state is not None else {}
+        self.last_metrics: dict = {}
+        self.extra_summary: dict = {}
+        self._signal: Optional[int] = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(full_config, self.out / "config.yaml")
+        if resume:
+            self.load_checkpoint()
+        elif self.is_main and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        self._install_signals()
+        self.bar = None
+        if cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=self.step_count, desc=command, unit="step", dynamic_ncols=True)
+        logger.info(f"{command}: {self.n_trainable:,} trainable parameters, {self.world_size} process(es) on "
+                    f"{self.device.type}, precision {self.accelerator.mixed_precision}")
+
+    # ----------------------------------------------------------------------------------------
+    # one optimizer step
+    # ----------------------------------------------------------------------------------------
+
+    def step(self, loss_fn: Callable[[nn.Module, dict], tuple[torch.Tensor, dict]], micro_batches: list[dict],
+             weights: Optional[list[float]] = None, clip: bool = True) -> dict[str, float]:
+        """Forward/backward every micro-batch, then clip, step the optimizer and the schedule.
+
+        ``loss_fn(model, batch) -> (loss, metrics)``: ``loss`` is the mean over the batch's own
+        units; ``weights`` (default: rows) are those unit counts. Metrics are averaged with the
+        same weights.
+        """
+        t0 = time.perf_counter()
+        weights = weights or [float(len(next(iter(mb.values())))) for mb in micro_batches]
+        total = torch.tensor(float(sum(weights)), device=self.device)
+        if self.world_size > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        total_w = float(total)
+        sums: dict[str, float] = {}
+        self.model.train()
+        for i, (mb, w) in enumerate(zip(micro_batches, weights)):
+            mb = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+            last = i == len(micro_batches) - 1
+            ctx = self.accelerator.no_sync(self.model) if (not last and self.world_size > 1) else nullcontext()
+            with ctx:
+                with self.accelerator.autocast():
+                    loss, metrics = loss_fn(self.model, mb)
+                self.accelerator.backward(loss * (w * self.world_size / total_w))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+            self.samples += len(next(iter(mb.values())))
+            self.tokens += batch_tokens(mb)
+        local_w = float(sum(weights))
+        out = {k: v / local_w for k, v in sums.items()}
+        if clip and self.cfg.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            out["grad_norm"] = float(norm)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_seconds += time.perf_counter() - t0
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # bookkeeping
+    # ----------------------------------------------------------------------------------------
+
+    def end_step(self, metrics: dict[str, float], extra_seconds: float = 0.0) -> None:
+        """Count the step, log metrics, checkpoint when due, and stop on a signal.
+
+        ``extra_seconds`` adds time spent outside ``step`` (generation, scoring) to the clock.
+        """
+        self.step_count += 1
+        self.train_seconds += extra_seconds
+        metrics = {"step": self.step_count, **metrics, "samples": self.samples, "tokens": self.tokens,
+                   "tokens_per_second": self.tokens / max(self.train_seconds, 1e-9)}
+        self.last_metrics = metrics
+        if self.is_main and (self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps):
+            append_jsonl(self.out / "metrics.jsonl", metrics)
+        if self.bar is not None:
+            self.bar.update(1)
+            show = {k: v for k, v in metrics.items() if k in ("loss", "reward/mean", "kl", "rewards/accuracies")}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)
+        if self.cfg.checkpoint_every and self.step_count % self.cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self._signal is not None:
+            self.save_checkpoint()
+            code = 130 if self._signal == signal.SIGINT else 143
+            self.close_bar()
+            raise Interrupted(code)
+
+    def log(self, metrics: dict) -> None:
+        """Log extra metrics (e.g. evaluation) tagged with the current step."""
+        if self.is_main:
+            append_jsonl(self.out / "metrics.jsonl", {"step": self.step_count, **metrics})
+        self.last_metrics = {**self.last_metrics, **metrics}
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.total_steps
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self, save: Optional[Callable[[Path], None]] = None, extra: Optional[dict] = None) -> dict:
+        """Save the model (``save(output_dir)`` on the main process) and write summary.json."""
+        self.close_bar()
+        self.accelerator.wait_for_everyone()
+        if save is not None and self.is_main:
+            save(self.out)
+        summary = {
+            "command": self.command,
+            "steps": self.step_count,
+            "samples": self.samples * self.world_size,
+            "tokens": self.tokens * self.world_size,
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_second": self.tokens * self.world_size / max(self.train_seconds, 1e-9),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "trainable_parameters": self.n_trainable,
+            "processes": self.world_size,
+            "final": self.last_metrics,
+            **self.extra_summary,
+            **(extra or {}),
+        }
+        if self.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
+        self._restore_signals()
+        return summary
+
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints: trainable weights (safetensors), optimizer/scheduler/RNG (weights_only load)
+    # ----------------------------------------------------------------------------------------
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        model = self.unwrapped()
+        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        self.accelerator.wait_for_everyone()
+        final = self.out / "checkpoints" / f"step-{self.step_count:07d}"
+        if self.is_main:
+            tmp = final.with_name(final.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            atomic_write_json(tmp / "state.json", {
+                "step": self.step_count, "samples": self.samples, "tokens": self.tokens,
+                "train_seconds": self.train_seconds, "recipe": self.state, "last_metrics": self.last_metrics})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpts = sorted((self.out / "checkpoints").glob("step-*[0-9]"))
+            for old in ckpts[: max(0, len(ckpts) - max(self.cfg.keep_checkpoints, 1))]:
+                shutil.rmtree(old)
+            logger.info(f"checkpoint written: {final}")
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self) -> None:
+        import json
+
+        from safetensors.torch import load_file
+
+        ckpts = sorted((self.out / "checkpoints").glob("step-*[0-9]"))
+        if not ckpts:
+            from rlhfkit.config import UserError
+
+            raise UserError(f"{self.out}/checkpoints: no checkpoint to resume from")
+        ck = ckpts[-1]
+        model = self.unwrapped()
+        weights = load_file(str(ck / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+        rng = torch.load(ck / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        st = json.loads((ck / "state.json").read_text())
+        self.step_count, self.samples, self.tokens = st["step"], st["samples"], st["tokens"]
+        self.train_seconds = st["train_seconds"]
+        self.last_metrics = st.get("last_metrics", {})
+        self.state.clear()
+        self.state.update(st["recipe"])
+        if self.is_main and (self.out / "metrics.jsonl").exists():
+            _truncate_metrics(self.out / "metrics.jsonl", self.step_count)
+        logger.info(f"resumed from {ck} at step {self.step_count}")
+
+    # ----------------------------------------------------------------------------------------
+    # signals
+    # ----------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        self._old_handlers = {}
+
+        def handler(signum, _frame):
+            if self._signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._signal = signum
+            logger.warning(f"signal {signum}: finishing the current step, then writing a checkpoint")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signals(self) -> None:
+        for sig, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, h)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from."""
+    import json
+
+    from rlhfkit.utils import atomic_write_text
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def process_info(cfg: TrainConfig) -> tuple[int, int]:
+    """(world size, rank) of this run, known before the Engine is built (for data sharding)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
+    return state.num_processes, state.process_index
+
+
+def total_steps_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
+
+
+__all__ = ["Engine", "Interrupted", "batch_tokens", "process_info", "total_steps_for"]

@@ -1,0 +1,319 @@
+"""Models: load policies, references, value heads and reward models; LoRA; save.
+
+Causal and encoder-decoder models load through the same functions; the kind is read from the
+model's config (``is_encoder_decoder``). ``asset:smollm2`` / ``asset:minilm`` name the offline
+assets (see ``rlhfkit.assets``). Weights are read and written as safetensors; remote code runs
+only when ``model.trust_remote_code`` is set.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhfkit import assets
+from rlhfkit.config import LoraConfig, ModelConfig, UserError
+
+
+def pick_device(cpu: bool = False) -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:
+    """``auto``: fp32 on CPU; bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        device = device or pick_device()
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_hf_config(name_or_path: str, cfg: Optional[ModelConfig] = None):
+    from transformers import AutoConfig
+
+    path = assets.resolve(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(
+            path, trust_remote_code=bool(cfg and cfg.trust_remote_code), revision=cfg.revision if cfg else None)
+    except OSError as e:
+        raise UserError(f"{name_or_path}: cannot load model config ({str(e).splitlines()[0][:200]})") from None
+    except ValueError as e:
+        raise UserError(f"{name_or_path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def is_seq2seq_config(hf_config) -> bool:
+    return bool(getattr(hf_config, "is_encoder_decoder", False))
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Tokenizer with a pad token (eos when it has none) and ``model_max_length`` set."""
+    from transformers import AutoTokenizer
+
+    path = assets.resolve(cfg.tokenizer or cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except OSError as e:
+        raise UserError(f"{cfg.tokenizer or cfg.name_or_path}: cannot load tokenizer ({str(e).splitlines()[0][:200]})") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"{cfg.name_or_path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        # BERT-style tokenizers have no EOS: use [SEP]
+        tok.eos_token = tok.sep_token or tok.pad_token
+    if not tok.model_max_length or tok.model_max_length > 1_000_000:
+        tok.model_max_length = cfg.max_length
+    return tok
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+               task: str = "lm", num_labels: int = 1) -> nn.Module:
+    """A Hugging Face model by name or path. ``task``: ``lm`` (causal or seq2seq by config) or ``classifier``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path = assets.resolve(cfg.name_or_path)
+    hf_config = load_hf_config(cfg.name_or_path, cfg)
+    device = device or pick_device()
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                  dtype=dtype or resolve_dtype(cfg.dtype, device))
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if task == "classifier":
+        cls = AutoModelForSequenceClassification
+        kwargs["num_labels"] = num_labels
+    else:
+        cls = AutoModelForSeq2SeqLM if is_seq2seq_config(hf_config) else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg.name_or_path}: cannot load model ({str(e).splitlines()[0][:200]})") from None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def load_policy(cfg: ModelConfig, lora: Optional[LoraConfig] = None, device: Optional[torch.device] = None):
+    """(model, tokenizer); with ``lora.enabled`` the model is a peft model with trainable adapters."""
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora)
+    return model, tok
+
+
+def lora_targets(model: nn.Module, lora: LoraConfig):
+    """``auto``: peft's per-architecture defaults (attention projections); else the list given."""
+    if lora.target_modules == ["auto"]:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP
+
+        mt = getattr(model.config, "model_type", None)
+        if mt not in MAP:
+            raise UserError(f"no default LoRA target modules for model type '{mt}'; set lora.target_modules")
+        return list(MAP[mt])
+    if lora.target_modules == ["all-linear"]:
+        return "all-linear"
+    return list(lora.target_modules)
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (fresh, or loaded trainable from ``lora.adapter_path``)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, TaskType, get_peft_model
+
+    if lora.adapter_path:
+        if not (Path(lora.adapter_path) / "adapter_config.json").is_file():
+            raise UserError(f"{lora.adapter_path}: no adapter_config.json (lora.adapter_path must be an adapter folder)")
+        return PeftModel.from_pretrained(model, lora.adapter_path, adapter_name=adapter_name, is_trainable=True)
+    task = TaskType.SEQ_2_SEQ_LM if is_seq2seq_config(model.config) else TaskType.CAUSAL_LM
+    pcfg = PeftLoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora_targets(model, lora))
+    return get_peft_model(model, pcfg, adapter_name=adapter_name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under accelerate/DDP, our wrappers and peft."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif isinstance(model, PolicyModel):
+            model = model.lm
+        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, merge: bool = False) -> None:
+    """Save as safetensors: adapter-only for peft models (plus ``merged/`` when asked), else full."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PolicyModel):
+        if model.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+                      str(out / "value_head.safetensors"))
+        model = model.lm
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if merge and is_peft(model):
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "merged")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training wrapper: per-token log-probs (and values) of the labelled tokens
+# ---------------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """Scalar head on the last hidden state: V(s_t) (PPO) or r(x, y) read at the last token."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+
+
+def hidden_size(hf_config) -> int:
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if getattr(hf_config, key, None):
+            return int(getattr(hf_config, key))
+    raise UserError(f"cannot find the hidden size of model type '{hf_config.model_type}'")
+
+
+class PolicyModel(nn.Module):
+    """A language model (optionally with a value head) whose forward returns, for the tokens
+    marked in ``labels``, their log-probs and optionally values and entropies.
+
+    All outputs are (B, T) aligned with ``labels``: ``logps[b, t] = log p(labels[b, t] | tokens
+    before t)``. For causal models the LM head is applied only at positions that predict a label,
+    and log-softmax is taken in chunks, so the full (B, T, V) log-softmax never exists. Models
+    whose head does more than a linear map (logit soft-capping, scaling) take the plain forward.
+    Training loops wrap this module (not the bare LM) so DDP sees one forward.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: bool = False, chunk_tokens: int = 2048):
+        super().__init__()
+        self.lm = lm
+        hf = unwrap(lm)
+        self.is_seq2seq = is_seq2seq_config(hf.config)
+        self.value_head = ValueHead(hidden_size(hf.config)) if value_head else None
+        if self.value_head is not None:
+            self.value_head.to(next(lm.parameters()).device)
+        self.chunk_tokens = chunk_tokens
+        c = hf.config
+        self._plain_head = (not self.is_seq2seq and not getattr(c, "final_logit_softcapping", None)
+                            and not getattr(c, "logit_scale", None) and hf.get_output_embeddings() is not None)
+
+    @property
+    def config(self):
+        return unwrap(self.lm).config
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                decoder_attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                with_entropy: bool = False, **_: object) -> dict[str, torch.Tensor]:
+        mask = labels != -100  # (B, T)
+        if self.is_seq2seq:
+            hf = unwrap(self.lm)
+            dec_in = hf.prepare_decoder_input_ids_from_labels(labels=labels.masked_fill(~mask, 0))
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_in,
+                          decoder_attention_mask=decoder_attention_mask, output_hidden_states=self.value_head is not None,
+                          use_cache=False)
+            logits = out.logits[mask]  # (N, V)
+            hidden = out.decoder_hidden_states[-1] if self.value_head is not None else None  # (B, T, H)
+            sel = mask
+        else:
+            hf = unwrap(self.lm)
+            sel = torch.zeros_like(mask)
+            sel[:, 1:] = mask[:, 1:]  # position t is predicted by the hidden state at t - 1
+            if self._plain_head:
+                out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
+                h = out.last_hidden_state  # (B, T, H)
+                hidden = torch.zeros_like(h)
+                hidden[:, 1:] = h[:, :-1]  # hidden[t] = state that predicts token t
+                logits = hf.get_output_embeddings()(hidden[sel])  # (N, V)
+            else:
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              output_hidden_states=self.value_head is not None, use_cache=False)
+                logits = out.logits[:, :-1][sel[:, 1:]]  # (N, V)
+                hidden = None
+                if self.value_head is not None:
+                    h = out.hidden_states[-1]
+                    hidden = torch.zeros_like(h)
+                    hidden[:, 1:] = h[:, :-1]
+        targets = labels[sel]  # (N,)
+        lp, ent = token_logprobs(logits, targets, self.chunk_tokens, with_entropy)
+        logps = torch.zeros(labels.shape, dtype=lp.dtype, device=lp.device)  # (B, T)
+        logps = logps.masked_scatter(sel, lp)
+        result = {"logps": logps, "mask": sel}
+        if with_entropy:
+            result["entropy"] = torch.zeros_like(logps).masked_scatter(sel, ent)
+        if self.value_head is not None:
+            result["values"] = self.value_head(hidden) * sel  # (B, T)
+        return result
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log p(target) for each row of ``logits`` (N, V), computed ``chunk`` rows at a time.
+
+    Equals ``log_softmax(logits).gather(targets)`` without materialising (N, V) log-probs.
+    """
+    lps, ents = [], []
+    for s in range(0, logits.shape[0], chunk):
+        lg = logits[s: s + chunk].float()  # (n, V)
+        lse = torch.logsumexp(lg, dim=-1)  # (n,)
+        lps.append(lg.gather(-1, targets[s: s + chunk, None]).squeeze(-1) - lse)
+        if with_entropy:
+            p = torch.softmax(lg, dim=-1)
+            ents.append(lse - (p * lg).sum(-1))
+    if not lps:
+        empty = logits.new_zeros((0,), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+
+
+def load_value_head(model: PolicyModel, folder: str | os.PathLike) -> None:
+    from safetensors.torch import load_file
+
+    f = Path(folder) / "value_head.safetensors"
+    if model.value_head is not None and f.is_file():
+        model.value_head.load_state_dict(load_file(str(f)))
+
+
+__all__ = [
+    "PolicyModel", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer", "save_pretrained",
+    "token_logprobs", "unwrap", "pick_device", "resolve_dtype", "is_seq2seq_config",
+]

@@ -1,0 +1,123 @@
+"""Rollout: generation (transformers ``generate`` with the KV cache) and no-grad scoring passes.
+
+Causal prompts are left-padded so every response starts at the same column; responses are cut
+after their first EOS. ``GenerationConfig.output_length_range`` draws ``max_new_tokens`` per
+batch (trlX's LengthSampler). The vLLM backend (``generation.backend=vllm``) is an optional GPU
+extra.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhfkit.config import GenerationConfig, UserError
+from rlhfkit.data import Example, collate
+from rlhfkit.models import PolicyModel, unwrap
+
+
+def generation_kwargs(gen: GenerationConfig, tokenizer, max_new_tokens: Optional[int] = None) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens or gen.max_new_tokens, min_new_tokens=gen.min_new_tokens or None,
+              do_sample=gen.do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+              repetition_penalty=gen.repetition_penalty)
+    if gen.do_sample:
+        kw.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    return kw
+
+
+def sample_max_new_tokens(gen: GenerationConfig, rng: random.Random) -> int:
+    if gen.output_length_range:
+        lo, hi = gen.output_length_range
+        return rng.randint(lo, hi)
+    return gen.max_new_tokens
+
+
+def _lm(model: nn.Module) -> nn.Module:
+    """The generating module: a peft model stays wrapped (its adapters must be active)."""
+    while isinstance(model, PolicyModel) or (hasattr(model, "module") and isinstance(model.module, nn.Module)):
+        model = model.lm if isinstance(model, PolicyModel) else model.module
+    return model
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
+                 max_new_tokens: Optional[int] = None) -> list[list[int]]:
+    """Response token ids for each prompt (cut after the first EOS, which is kept)."""
+    if gen.backend == "vllm":
+        raise UserError("generation.backend=vllm needs the 'gpu' extra and a CUDA device; use backend=hf here")
+    lm = _lm(model)
+    hf = unwrap(lm)
+    seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
+    device = next(hf.parameters()).device
+    batch = collate([Example(p, []) for p in prompt_ids], tokenizer.pad_token_id, seq2seq)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    was_training = lm.training
+    lm.eval()
+    out = lm.generate(**inputs, **generation_kwargs(gen, tokenizer, max_new_tokens))
+    lm.train(was_training)
+    start = 1 if seq2seq else inputs["input_ids"].shape[1]  # seq2seq output starts with decoder_start
+    responses = []
+    eos = tokenizer.eos_token_id
+    for row in out[:, start:].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        else:
+            while row and row[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id != eos:
+                row.pop()
+        responses.append(row)
+    return responses
+
+
+def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationConfig, progress: bool = False,
+             seed: Optional[int] = None, desc: str = "generate") -> list[str]:
+    """Completions (text, special tokens removed) for ``prompts``, ``gen.batch_size`` at a time."""
+    from rlhfkit.data import encode_prompt
+
+    hf = unwrap(_lm(model))
+    seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
+    if seed is not None:
+        torch.manual_seed(seed)
+    rng = random.Random(seed)
+    ids = [encode_prompt(tokenizer, p, seq2seq) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    out: list[Optional[str]] = [None] * len(ids)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc=desc, unit="prompt", dynamic_ncols=True)
+    for s in range(0, len(order), gen.batch_size):
+        chunk = order[s: s + gen.batch_size]
+        resp = generate_ids(model, tokenizer, [ids[i] for i in chunk], gen, sample_max_new_tokens(gen, rng))
+        for i, r in zip(chunk, resp):
+            out[i] = tokenizer.decode(r, skip_special_tokens=True).strip()
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return [o or "" for o in out]
+
+
+@dataclass
+class Scored:
+    """No-grad pass over a batch: per-token log-probs (B, T) aligned with labels, and mask."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    values: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def score(policy: PolicyModel, batch: dict, with_entropy: bool = False) -> Scored:
+    was = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    out = policy(**{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}, with_entropy=with_entropy)
+    policy.train(was)
+    return Scored(out["logps"], out["mask"], out.get("values"), out.get("entropy"))
