@@ -411,12 +411,12 @@ def encode_completion(tokenizer, completion: str, is_seq2seq: bool) -> list[int]
 def fit_lengths(prompt: list[int], completion: list[int], cfg: DataConfig, max_length: int, stats: DataStats,
                 is_seq2seq: bool) -> Optional[tuple[list[int], list[int]]]:
     """Apply the over-long policy: truncate (prompt from the left, completion from the right) or drop."""
-    max_p = cfg.max_prompt_length
-    max_c = cfg.max_completion_length
-    if not is_seq2seq:
+    max_p, max_c = cfg.max_prompt_length, cfg.max_completion_length
+    if not is_seq2seq:  # prompt + completion share max_length; a long prompt still leaves the completion min(its length, max_length // 2)
+        c_len = min(len(completion), max_c, max_length // 2)
+        max_p = min(max_p, max_length - c_len)
         max_c = min(max_c, max_length - min(len(prompt), max_p))
-    too_long = len(prompt) > max_p or len(completion) > max_c
-    if not too_long:
+    if len(prompt) <= max_p and len(completion) <= max_c:
         return prompt, completion
     if cfg.overlong == "drop":
         stats.dropped_overlong += 1

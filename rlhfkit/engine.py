@@ -137,7 +137,7 @@ class Engine:
                     loss, metrics = loss_fn(self.model, mb)
                 self.accelerator.backward(loss * (w * self.world_size / total_w))
             for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * w
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * w
             self.samples += len(next(iter(mb.values())))
             self.tokens += batch_tokens(mb)
         local_w = float(sum(weights))

@@ -48,17 +48,19 @@ def build_tokenizer(seq2seq: bool = False, chat: bool = False, vocab_size: int =
 
 
 def build_model(kind: str, vocab_size: int, seed: int = 0):
+    """Random tiny models; initializer_range 0.2 (not 0.02) so that LoRA on a frozen random
+    network can still move its outputs, as it can on a pretrained one."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
     if kind == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+                         embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, bos_token_id=2, eos_token_id=1, pad_token_id=0)
         return GPT2LMHeadModel(cfg)
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
                           bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
         return LlamaForCausalLM(cfg)
     if kind == "t5":
