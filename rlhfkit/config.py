@@ -266,6 +266,9 @@ class RewardConfig:
     """Classifier label to read (name or index), e.g. ``nothate``."""
     output: str = "logit"
     """What to read from a classifier: ``logit`` or ``probability``."""
+    text: str = "completion"
+    """``classifier``: the text classified, ``completion`` or ``prompt+completion`` (joined with a
+    space, as for reward models)."""
     backend: str = "profanity_check"
     """``toxicity`` scorer: ``profanity_check`` (alt-profanity-check) or ``hatesonar``."""
     invert: bool = True
@@ -300,6 +303,7 @@ class RewardConfig:
         ]
         _check_choice("reward.kind", self.kind, kinds)
         _check_choice("reward.output", self.output, ["logit", "probability"])
+        _check_choice("reward.text", self.text, ["completion", "prompt+completion"])
         _check_choice("reward.backend", self.backend, ["profanity_check", "hatesonar"])
         needs = {
             "classifier": ["model"], "reward_model": ["model"], "label_match": ["target_column"],
