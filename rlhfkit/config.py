@@ -210,6 +210,24 @@ class TrainConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    kind: str = "auto"
+    """Reference policy: ``auto``, ``disabled_adapter`` (the LoRA base with the adapter switched
+    off: no second copy in memory), ``copy`` (a frozen copy of the start model, or of ``model``),
+    ``adapter`` (a trained adapter loaded frozen as a second, named adapter on the same base),
+    or ``none`` (reference-free losses). ``auto``: ``adapter`` when the policy starts from
+    ``lora.adapter_path``, ``disabled_adapter`` for a fresh LoRA, else ``copy``."""
+    model: Optional[str] = None
+    """``copy``: model name or path of the reference when it is not the policy's start model
+    (e.g. the SFT model)."""
+    adapter_path: Optional[str] = None
+    """``adapter``: adapter folder to load as the reference (default: ``lora.adapter_path``)."""
+
+    def validate(self) -> None:
+        _check_choice("reference.kind", self.kind, ["auto", "disabled_adapter", "copy", "adapter", "none"])
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = 64
     """Most tokens generated per response."""

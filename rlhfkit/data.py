@@ -609,3 +609,45 @@ def iter_chunks(items: list, size: int) -> Iterator[list]:
 def resolve_path(path: str) -> str:
     """Expand ``~`` and environment variables in a data path."""
     return os.path.expandvars(os.path.expanduser(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs: one concatenated batch (chosen rows first, then rejected rows)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairExample:
+    """One tokenized preference pair sharing its prompt."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def tokenize_preferences(triples: list[tuple[str, str, str]], tokenizer, cfg: DataConfig, max_length: int,
+                         is_seq2seq: bool, stats: DataStats) -> list[PairExample]:
+    """Tokenize (prompt, chosen, rejected); the over-long policy applies to the longer side."""
+    out = []
+    for prompt, chosen, rejected in triples:
+        p = encode_prompt(tokenizer, prompt, is_seq2seq)
+        c = encode_completion(tokenizer, chosen, is_seq2seq)
+        r = encode_completion(tokenizer, rejected, is_seq2seq)
+        longer = c if len(c) >= len(r) else r
+        fitted = fit_lengths(p, longer, cfg, max_length, stats, is_seq2seq)
+        if fitted is None:
+            continue
+        p2, kept = fitted
+        out.append(PairExample(p2, c[: len(kept)], r[: len(kept)]))
+    if stats.truncated or stats.dropped_overlong:
+        logger.info(f"over-long pairs: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    return out
+
+
+def collate_preferences(pairs: list[PairExample], pad_id: int, is_seq2seq: bool) -> dict[str, torch.Tensor]:
+    """Rows 0..B-1 are the chosen completions, rows B..2B-1 the rejected ones (one forward)."""
+    examples = [Example(p.prompt_ids, p.chosen_ids) for p in pairs] + [Example(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return collate(examples, pad_id, is_seq2seq)

@@ -317,3 +317,92 @@ __all__ = [
     "PolicyModel", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer", "save_pretrained",
     "token_logprobs", "unwrap", "pick_device", "resolve_dtype", "is_seq2seq_config",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference policy
+# ---------------------------------------------------------------------------------------------
+
+
+class Reference:
+    """Per-token log-probs under the reference policy, in the same (B, T) layout as PolicyModel.
+
+    Kinds (``ReferenceConfig.kind``):
+    - ``disabled_adapter``: the policy's own base with its LoRA adapter switched off;
+    - ``adapter``: a trained adapter loaded frozen as adapter ``reference`` on the policy's base;
+    - ``copy``: a separate frozen model;
+    - ``none``: no reference (``logps`` raises).
+    """
+
+    def __init__(self, kind: str, policy: Optional[PolicyModel] = None, model: Optional[nn.Module] = None):
+        self.kind = kind
+        self.policy = policy
+        self.model = PolicyModel(model) if model is not None else None
+        if self.model is not None:
+            self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> torch.Tensor:
+        if self.kind == "none":
+            raise RuntimeError("this run has no reference model (reference.kind=none)")
+        if self.kind == "copy":
+            device = next(self.model.parameters()).device
+            return self.model(**{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})["logps"]
+        policy = self.policy
+        peft_model = policy.lm
+        was = policy.training
+        policy.eval()
+        try:
+            if self.kind == "disabled_adapter":
+                with peft_model.disable_adapter():
+                    return policy(**batch)["logps"]
+            # 'adapter': switch the active adapter; set_adapter also flips requires_grad, so restore it
+            grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+            active = peft_model.active_adapter
+            peft_model.set_adapter("reference")
+            try:
+                return policy(**batch)["logps"]
+            finally:
+                peft_model.set_adapter(active)
+                for n, p in peft_model.named_parameters():
+                    p.requires_grad_(grads[n])
+        finally:
+            policy.train(was)
+
+
+def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig], policy: PolicyModel,
+                    needed: bool = True) -> Reference:
+    """The reference the config asks for; ``auto`` never drops a trained adapter silently."""
+    from rlhfkit.utils import logger
+
+    if not needed:
+        return Reference("none")
+    kind = ref_cfg.kind
+    lora_on = lora is not None and lora.enabled
+    if kind == "auto":
+        kind = "adapter" if (lora_on and lora.adapter_path) else ("disabled_adapter" if lora_on else "copy")
+    if kind in ("disabled_adapter", "adapter") and not lora_on:
+        raise UserError(f"reference.kind={kind} needs lora.enabled=true")
+    if kind == "disabled_adapter" and lora.adapter_path:
+        logger.warning("reference: the bare base without the trained adapter lora.adapter_path (asked for by "
+                       "reference.kind=disabled_adapter)")
+    if kind == "adapter":
+        path = ref_cfg.adapter_path or lora.adapter_path
+        if not path:
+            raise UserError("reference.kind=adapter needs reference.adapter_path or lora.adapter_path")
+        policy.lm.load_adapter(path, adapter_name="reference", is_trainable=False)
+        logger.info(f"reference: frozen adapter {path} on the policy's base (two adapters, one base)")
+        return Reference("adapter", policy=policy)
+    if kind == "disabled_adapter":
+        logger.info("reference: the policy's base with the LoRA adapter disabled (no second copy)")
+        return Reference("disabled_adapter", policy=policy)
+    if kind == "none":
+        logger.info("reference: none")
+        return Reference("none")
+    name = ref_cfg.model or model_cfg.name_or_path
+    import dataclasses
+
+    device = next(policy.parameters()).device
+    ref = load_model(dataclasses.replace(model_cfg, name_or_path=name, gradient_checkpointing=False), device)
+    logger.info(f"reference: frozen copy of {name}")
+    return Reference("copy", model=ref)
