@@ -121,3 +121,31 @@ def score(policy: PolicyModel, batch: dict, with_entropy: bool = False) -> Score
     out = policy(**{k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}, with_entropy=with_entropy)
     policy.train(was)
     return Scored(out["logps"], out["mask"], out.get("values"), out.get("entropy"))
+
+
+@dataclass
+class Experience:
+    """One batch of sampled responses, ready to score and train on.
+
+    ``batch`` uses the shared training layout (see ``rlhfkit.data.collate``): for causal
+    models ``input_ids`` = left-padded prompt + right-padded response and ``labels`` marks the
+    response tokens; for seq2seq the encoder gets the prompt and ``labels`` the response.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    batch: dict
+    response_lengths: list[int]
+    truncated: list[bool]
+
+
+def rollout(model: nn.Module, tokenizer, prompts: list[str], prompt_ids: list[list[int]], gen: GenerationConfig,
+            max_new_tokens: Optional[int] = None) -> Experience:
+    """Sample one response per prompt (repeat prompts for groups) and build the training batch."""
+    responses = generate_ids(model, tokenizer, prompt_ids, gen, max_new_tokens)
+    eos = tokenizer.eos_token_id
+    responses = [r if r else [eos] for r in responses]
+    seq2seq = bool(getattr(unwrap(_lm(model)).config, "is_encoder_decoder", False))
+    batch = collate([Example(p, r) for p, r in zip(prompt_ids, responses)], tokenizer.pad_token_id, seq2seq)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    return Experience(list(prompts), texts, batch, [len(r) for r in responses], [r[-1] != eos for r in responses])
