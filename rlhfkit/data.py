@@ -225,21 +225,24 @@ def render_messages(messages: list[dict], tokenizer, add_generation_prompt: bool
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def user_prompt(table: Table, i: int, cfg: DataConfig) -> str:
+    """The prompt text of row ``i`` before any chat template: ``prompt_template`` or ``prompt``."""
+    row = table.rows[i]
+    if cfg.prompt_template is None:
+        return require_text(table, i, "prompt", cfg)
+    try:
+        return cfg.prompt_template.format(**row)
+    except KeyError as e:
+        raise UserError(
+            f"{table.where(i)}: prompt_template needs column {e} (columns: {', '.join(map(str, row))})"
+        ) from None
+    except (IndexError, ValueError) as e:
+        raise UserError(f"data.prompt_template is not a valid format string ({e})") from None
+
+
 def build_prompt(table: Table, i: int, cfg: DataConfig, tokenizer) -> str:
     """The prompt text of row ``i``: template or ``prompt`` column, wrapped in the chat template."""
-    row = table.rows[i]
-    if cfg.prompt_template is not None:
-        try:
-            user = cfg.prompt_template.format(**row)
-        except KeyError as e:
-            raise UserError(
-                f"{table.where(i)}: prompt_template needs column {e} (columns: {', '.join(map(str, row))})"
-            ) from None
-        except (IndexError, ValueError) as e:
-            raise UserError(f"data.prompt_template is not a valid format string ({e})") from None
-    else:
-        user = require_text(table, i, "prompt", cfg)
-    return wrap_prompt(user, cfg, tokenizer)
+    return wrap_prompt(user_prompt(table, i, cfg), cfg, tokenizer)
 
 
 def wrap_prompt(user: str, cfg: DataConfig, tokenizer) -> str:

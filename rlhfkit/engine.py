@@ -54,11 +54,13 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
 
 class Engine:
     def __init__(self, cfg: TrainConfig, command: str, full_config: Any, model: nn.Module, total_steps: int,
-                 resume: bool = False, state: Optional[dict] = None):
+                 resume: bool = False, state: Optional[dict] = None, updates_per_step: int = 1):
         """Set up accelerate, the optimizer and scheduler over ``model``'s trainable parameters.
 
         ``state`` is a recipe's own JSON-able state (e.g. the adaptive KL coefficient); it is
         saved in checkpoints and, after ``resume``, restored into the same dict.
+        ``updates_per_step``: optimizer updates (``step`` calls) per logged step (``end_step``),
+        e.g. PPO epochs x minibatches per rollout; the learning-rate schedule spans them all.
         """
         from accelerate import Accelerator
         from transformers import get_scheduler
@@ -81,7 +83,8 @@ class Engine:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                       weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
-                                  optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+                                  optimizer, num_warmup_steps=cfg.warmup_steps * updates_per_step,
+                                  num_training_steps=total_steps * updates_per_step)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.total_steps = total_steps
         self.step_count = 0
