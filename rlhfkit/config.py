@@ -18,6 +18,7 @@ exits with status 2.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -361,26 +362,45 @@ def load_config(cls: type, path: Optional[str | os.PathLike] = None, overrides: 
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
+        _set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
     cfg = from_dict(cls, raw, source=source)
     validate(cfg)
     return cfg
 
 
-def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = ""):
-    """Convert a nested dict into dataclass ``cls``; unknown keys raise with a suggestion."""
+def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "", base: Any = None):
+    """Convert a nested dict into dataclass ``cls``; unknown keys raise with a suggestion.
+
+    Keys not given keep their defaults, including a section default set by the enclosing
+    dataclass (a recipe's ``data: DataConfig = field(default_factory=lambda: DataConfig(...))``);
+    ``base`` is that default.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             guess = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{guess[0]}'?" if guess else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}", source)
-    return cls(**kwargs)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and (value is None or isinstance(value, dict)):
+            section = _field_default(fields[key])
+            kwargs[key] = section if value is None else from_dict(tp, value, source, f"{prefix}{key}.", section)
+        else:
+            kwargs[key] = _convert(tp, value, f"{prefix}{key}", source)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return copy.deepcopy(f.default)
+    return None
 
 
 def validate(cfg) -> None:
@@ -425,18 +445,24 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every field, recursing into sections: the ``--help`` text."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field, recursing into sections: the ``--help`` text.
+
+    ``defaults``: the section's default instance as the enclosing dataclass builds it."""
     rows = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = _field_default(f)
+        else:
+            default = ""
         if dataclasses.is_dataclass(t):
-            rows.extend(describe(t, f"{prefix}{f.name}."))
+            rows.extend(describe(t, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")  # type: ignore[misc]
         rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
     return rows
 
@@ -444,6 +470,30 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _parse_override(cls: type, key: str, text: str) -> Any:
+    """The value of ``key=text``: verbatim for a text field (a prompt template may hold ``:``,
+    ``{}`` or ``#``) unless YAML-quoted (``'"a\\nb"'`` has a newline), else YAML (numbers,
+    booleans, null, ``[lists]``, ``{maps}``)."""
+    tp: Any = cls
+    for part in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        tp = hints.get(part)
+    args = set(typing.get_args(tp))
+    if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and args == {str, type(None)}):
+        if len(text) >= 2 and text[0] in "\"'" and text[-1] == text[0]:
+            try:
+                return str(yaml.safe_load(text))
+            except yaml.YAMLError:
+                return text
+        return None if tp is not str and text.strip() in ("null", "~", "None") else text
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{key}': cannot parse value {text!r} ({getattr(e, 'problem', e)})") from None
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -525,13 +575,19 @@ def _convert(tp: Any, value: Any, key: str, source: str):
                 raise bad from None
         raise bad
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `true` as a bool: `data.chat_template=true` means "true"
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise bad
     return value
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[str] -> "str or None"
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -124,12 +124,15 @@ def _read_json(p: Path) -> Table:
 def _read_csv(p: Path) -> Table:
     with open(p, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
+        reader.fieldnames  # reads the header
         rows, numbers = [], []
+        start = reader.line_num + 1  # a quoted field may span lines: report the record's first line
         for r in reader:
             if None in r:
-                raise UserError(f"{p}: row {reader.line_num}: more fields than the header has")
+                raise UserError(f"{p}: row {start}: more fields than the header has")
             rows.append(dict(r))
-            numbers.append(reader.line_num)
+            numbers.append(start)
+            start = reader.line_num + 1
     return Table(rows, str(p), numbers)
 
 
@@ -295,7 +298,7 @@ def sft_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> 
     chat_col = cfg.columns.get("messages", "messages")
     for i, row in enumerate(table.rows):
         try:
-            if chat_col in row and cfg.prompt_template is None and "prompt" not in cfg.columns:
+            if chat_col in row and cfg.prompt_template is None and cfg.columns.get("prompt", "prompt") not in row:
                 msgs = check_messages(table, i, "messages", cfg)
                 if use_chat_template(tokenizer, cfg):
                     prompt = render_messages(msgs[:-1], tokenizer)

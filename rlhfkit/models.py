@@ -255,6 +255,10 @@ class PolicyModel(nn.Module):
             sel = mask
         else:
             hf = unwrap(self.lm)
+            if position_ids is None and attention_mask is not None:
+                # left padding: count positions from each row's first real token, as generate() does;
+                # models with absolute position embeddings (GPT-2) otherwise depend on the padding
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             sel = torch.zeros_like(mask)
             sel[:, 1:] = mask[:, 1:]  # position t is predicted by the hidden state at t - 1
             if self._plain_head:

@@ -1,0 +1,292 @@
+"""Models: PolicyModel log-probs against a plain transformers forward, chunked log-softmax, LoRA
+targets and trainable parameters, saving (full, adapter-only, merged) and reloading."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from rlhfkit.config import LoraConfig, ModelConfig, UserError
+from rlhfkit.data import Example, collate
+from rlhfkit.models import (PolicyModel, apply_lora, load_model, load_policy, load_tokenizer, load_value_head,
+                            save_pretrained, token_logprobs, unwrap)
+
+CPU = torch.device("cpu")
+KINDS = ["tiny_gpt2", "tiny_llama", "tiny_t5"]
+AUTO_TARGETS = {"tiny_gpt2": {"c_attn"}, "tiny_llama": {"q_proj", "v_proj"}, "tiny_t5": {"q", "v"}}
+PAIRS = [("the cat sees a dog", " red fish runs"), ("hello", " one two three four five six"),
+         ("big small fast slow good bad new old", " sun")]
+
+
+def load(path: str):
+    mc = ModelConfig(name_or_path=path)
+    return load_model(mc, CPU).eval(), load_tokenizer(mc)
+
+
+def examples(tok, seq2seq: bool) -> list[Example]:
+    out = []
+    for p, c in PAIRS:
+        p_ids = tok(p, add_special_tokens=seq2seq)["input_ids"]
+        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append(Example(p_ids, c_ids))
+    return out
+
+
+def reference_logps(model, e: Example, seq2seq: bool) -> torch.Tensor:
+    """log p(completion token | context) from one unpadded plain forward + full log_softmax."""
+    with torch.no_grad():
+        if seq2seq:
+            logits = model(input_ids=torch.tensor([e.prompt_ids]), labels=torch.tensor([e.completion_ids])).logits[0]
+        else:
+            ids = torch.tensor([e.prompt_ids + e.completion_ids])
+            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1: -1]  # (C, V): predicts each completion token
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(e.completion_ids)[:, None]).squeeze(-1)
+
+
+def randomize_lora(model, seed: int = 0) -> None:
+    """peft initialises lora_B to zero (the adapter starts as a no-op); make it matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def lm_logits(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        if "decoder_attention_mask" in batch:
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"].masked_fill(batch["labels"] == -100, 0)).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", KINDS)
+def test_policy_logprobs_equal_plain_forward(kind, request):
+    model, tok = load(request.getfixturevalue(kind))
+    seq2seq = kind == "tiny_t5"
+    exs = examples(tok, seq2seq)
+    batch = collate(exs, tok.pad_token_id, seq2seq)  # padded: prompts and completions of different lengths
+    assert (batch["labels"] == -100).any()
+    with torch.no_grad():
+        out = PolicyModel(model)(**batch)
+    logps, mask = out["logps"], out["mask"]
+    assert logps.shape == batch["labels"].shape
+    P = 0 if seq2seq else batch["input_ids"].shape[1] - max(len(e.completion_ids) for e in exs)
+    for i, e in enumerate(exs):
+        n = len(e.completion_ids)
+        torch.testing.assert_close(logps[i, P: P + n], reference_logps(model, e, seq2seq), atol=1e-5, rtol=0)
+        assert mask[i].sum() == n and mask[i, P: P + n].all()
+    assert torch.all(logps[~mask] == 0)
+
+
+@pytest.mark.unit
+def test_policy_entropy_equals_full_softmax_entropy(tiny_llama):
+    model, tok = load(tiny_llama)
+    batch = collate(examples(tok, False), tok.pad_token_id, False)
+    with torch.no_grad():
+        out = PolicyModel(model, chunk_tokens=5)(**batch, with_entropy=True)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits
+    logp = torch.log_softmax(logits[:, :-1], -1)  # (B, T-1, V) predicts tokens 1..T-1
+    ent = -(logp.exp() * logp).sum(-1)
+    m = out["mask"][:, 1:]
+    torch.testing.assert_close(out["entropy"][:, 1:][m], ent[m], atol=1e-5, rtol=0)
+    assert torch.all(out["entropy"][~out["mask"]] == 0)
+
+
+@pytest.mark.unit
+def test_token_logprobs_chunked_equals_full_gather():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(11, 17, generator=g) * 3  # (N, V)
+    targets = torch.randint(0, 17, (11,), generator=g)
+    full = torch.log_softmax(logits, -1)
+    expected = full.gather(-1, targets[:, None]).squeeze(-1)
+    for chunk in (1, 3, 11, 2048):
+        lp, ent = token_logprobs(logits, targets, chunk=chunk, with_entropy=True)
+        torch.testing.assert_close(lp, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ent, -(full.exp() * full).sum(-1), atol=1e-5, rtol=0)
+    lp, ent = token_logprobs(logits, targets, chunk=4)
+    assert ent is None and lp.shape == (11,)
+    empty, e_ent = token_logprobs(logits[:0], targets[:0], with_entropy=True)
+    assert empty.shape == (0,) and e_ent.shape == (0,)
+    # a hand-worked row: logits [0, ln 3] -> p = [1/4, 3/4]
+    lp, _ = token_logprobs(torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]]), torch.tensor([1]))
+    assert abs(float(lp) - float(torch.log(torch.tensor(0.75)))) < 1e-6
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
+def test_policy_logprobs_with_lora_use_the_adapters(kind, request):
+    model, tok = load(request.getfixturevalue(kind))
+    lm = apply_lora(model, LoraConfig(enabled=True, r=4, dropout=0.0))
+    randomize_lora(lm)
+    lm.eval()
+    exs = examples(tok, False)
+    batch = collate(exs, tok.pad_token_id, False)
+    with torch.no_grad():
+        out = PolicyModel(lm)(**batch)
+        with lm.disable_adapter():
+            base = PolicyModel(lm)(**batch)
+    P = batch["input_ids"].shape[1] - max(len(e.completion_ids) for e in exs)
+    for i, e in enumerate(exs):
+        n = len(e.completion_ids)
+        torch.testing.assert_close(out["logps"][i, P: P + n], reference_logps(lm, e, False), atol=1e-5, rtol=0)
+    assert (out["logps"] - base["logps"]).abs().max() > 1e-3  # the adapters change the result
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_module_names(model) -> set[str]:
+    return {name.split(".")[-1] for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", KINDS)
+def test_apply_lora_auto_targets_and_trainable_params(kind, request):
+    model, _ = load(request.getfixturevalue(kind))
+    n_total = sum(p.numel() for p in model.parameters())
+    lm = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8))
+    assert lora_module_names(lm) == AUTO_TARGETS[kind]
+    trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    n_modules = sum(1 for _, m in lm.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    # 2 layers; T5: encoder self-attention + decoder self- and cross-attention, q and v each
+    expected_modules = {"tiny_gpt2": 2, "tiny_llama": 2 * 2, "tiny_t5": 2 * 2 + 2 * 2 * 2}[kind]
+    assert n_modules == expected_modules, n_modules
+    assert len(trainable) == 2 * n_modules  # one A and one B each
+    assert sum(p.numel() for p in lm.parameters() if not p.requires_grad) == n_total
+
+
+@pytest.mark.unit
+def test_apply_lora_explicit_and_all_linear_targets(tiny_llama):
+    model, _ = load(tiny_llama)
+    assert lora_module_names(apply_lora(model, LoraConfig(enabled=True, target_modules=["k_proj", "o_proj"]))) == {
+        "k_proj", "o_proj"}
+    model, _ = load(tiny_llama)
+    names = lora_module_names(apply_lora(model, LoraConfig(enabled=True, target_modules=["all-linear"])))
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # not lm_head
+
+
+@pytest.mark.unit
+def test_load_policy_with_lora_sets_pad_and_adapters(tiny_gpt2):
+    model, tok = load_policy(ModelConfig(name_or_path=tiny_gpt2), LoraConfig(enabled=True), CPU)
+    assert hasattr(model, "peft_config") and lora_module_names(model) == {"c_attn"}
+    assert unwrap(model).config.pad_token_id == tok.pad_token_id == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# save and reload
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_model_save_and_reload_identical(kind, request, tmp_path):
+    model, tok = load(request.getfixturevalue(kind))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # differ from the fixture, so reloading the fixture instead would fail
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    batch = collate(examples(tok, kind == "tiny_t5"), tok.pad_token_id, kind == "tiny_t5")
+    before = lm_logits(model, batch)
+    save_pretrained(model, tok, tmp_path / "out")
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    reloaded, tok2 = load(str(tmp_path / "out"))
+    assert torch.equal(lm_logits(reloaded, batch), before)
+    assert tok2("the cat sees")["input_ids"] == tok("the cat sees")["input_ids"]
+    original, _ = load(request.getfixturevalue(kind))
+    assert not torch.equal(lm_logits(original, batch), before)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_save_is_adapter_only_and_reloads_identical(kind, request, tmp_path):
+    path = request.getfixturevalue(kind)
+    seq2seq = kind == "tiny_t5"
+    model, tok = load(path)
+    lm = apply_lora(model, LoraConfig(enabled=True, r=4, dropout=0.0))
+    randomize_lora(lm)
+    lm.eval()
+    batch = collate(examples(tok, seq2seq), tok.pad_token_id, seq2seq)
+    before = lm_logits(lm, batch)
+    out = tmp_path / "adapter"
+    save_pretrained(lm, tok, out, merge=True)
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "merged"} <= files
+    assert "model.safetensors" not in files and not any(f.endswith((".bin", ".pt")) for f in files)
+    n_adapter = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n)
+    assert (out / "adapter_model.safetensors").stat().st_size < 4 * n_adapter + 10_000  # no base weights in it
+    # merged/: a full model with the adapter folded in
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (out / "merged").iterdir()}
+    merged, _ = load(str(out / "merged"))
+    assert not hasattr(merged, "peft_config")
+    torch.testing.assert_close(lm_logits(merged, batch), before, atol=1e-5, rtol=0)
+    # reload: fresh base + adapter folder gives the saved model's logits
+    base, _ = load(path)
+    assert (lm_logits(base, batch) - before).abs().max() > 1e-3  # the adapter matters
+    reloaded = apply_lora(base, LoraConfig(enabled=True, adapter_path=str(out))).eval()
+    after = lm_logits(reloaded, batch)
+    assert torch.equal(after, before) or (after - before).abs().max() < 1e-6
+    assert any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)  # resumable training
+
+
+@pytest.mark.unit
+def test_lora_save_without_merge_has_no_merged_folder(tiny_gpt2, tmp_path):
+    model, tok = load(tiny_gpt2)
+    lm = apply_lora(model, LoraConfig(enabled=True))
+    save_pretrained(lm, None, tmp_path / "a")
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert not (tmp_path / "a" / "merged").exists() and not (tmp_path / "a" / "model.safetensors").exists()
+
+
+@pytest.mark.unit
+def test_value_head_saved_and_reloaded(tiny_llama, tmp_path):
+    model, tok = load(tiny_llama)
+    policy = PolicyModel(model, value_head=True)
+    batch = collate(examples(tok, False), tok.pad_token_id, False)
+    with torch.no_grad():
+        values = policy(**batch)["values"]
+    assert values.shape == batch["labels"].shape and torch.all(values[~policy(**batch)["mask"]] == 0)
+    save_pretrained(policy, tok, tmp_path / "v")
+    assert (tmp_path / "v" / "value_head.safetensors").is_file()
+    m2, _ = load(str(tmp_path / "v"))
+    torch.manual_seed(123)  # a different random head, replaced by the saved one
+    p2 = PolicyModel(m2, value_head=True)
+    load_value_head(p2, tmp_path / "v")
+    with torch.no_grad():
+        assert torch.equal(p2(**batch)["values"], values)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_missing_model_folder_is_a_user_error(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(UserError, match="no_such_model"):
+        load_model(ModelConfig(name_or_path=missing), CPU)
+    with pytest.raises(UserError, match="no_such_model: cannot load tokenizer"):
+        load_tokenizer(ModelConfig(name_or_path=missing))
+    with pytest.raises(UserError, match="no_such_org/no_such_model"):  # a hub name, offline
+        load_model(ModelConfig(name_or_path="no_such_org/no_such_model"), CPU)
+
+
+@pytest.mark.unit
+def test_adapter_path_without_adapter_is_a_user_error(tiny_gpt2, tmp_path):
+    model, _ = load(tiny_gpt2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        apply_lora(model, LoraConfig(enabled=True, adapter_path=str(tmp_path / "empty")))
