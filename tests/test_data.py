@@ -380,11 +380,12 @@ def test_overlong_truncate_from_the_left_or_drop(tok_gpt2):
                          cfg(max_prompt_length=6, max_completion_length=4, overlong="drop"), 512, False, stats)
     assert [(e.prompt_ids, e.completion_ids) for e in out] == [(s_p, s_c)]
     assert (stats.truncated, stats.dropped_overlong) == (0, 1)
-    # causal: prompt + completion must also fit model.max_length
+    # causal: prompt + completion must also fit model.max_length; the completion keeps
+    # min(its capped length 4, max_length // 2 = 4) tokens and the prompt gets the other 4
     stats = DataStats()
     out = tokenize_pairs([(long_p, long_c)], tok_gpt2, cfg(max_prompt_length=6, max_completion_length=4), 8, False,
                          stats)
-    assert out[0].prompt_ids == p_ids[-6:] and out[0].completion_ids == c_ids[:2] and len(out[0]) == 8
+    assert out[0].prompt_ids == p_ids[-4:] and out[0].completion_ids == c_ids[:4] and len(out[0]) == 8
 
 
 @pytest.mark.unit
