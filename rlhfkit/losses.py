@@ -691,7 +691,9 @@ def ilql_loss(
     Shapes (column t = action t in state s_t, ``mask`` marks the real actions):
     ``logits`` (B, T, V) LM logits predicting the actions; ``q_logits`` one or two (B, T, V)
     tensors from the Q heads; ``target_q_logits`` the same from the target Q heads (the slow
-    Polyak copies, no gradient); ``values`` (B, T) V(s_t); ``actions`` (B, T) token ids;
+    Polyak copies, no gradient), each either per vocabulary token (B, T, V) or already taken at
+    the actions (B, T): only Q_target(s_t, a_t) enters the loss, so a recipe may skip the
+    full-vocabulary target logits; ``values`` (B, T) V(s_t); ``actions`` (B, T) token ids;
     ``rewards`` (B, T).
 
     Naming: ``alpha`` is the CQL weight as in the paper (trlX calls it ``cql_scale`` and uses
@@ -706,7 +708,8 @@ def ilql_loss(
         raise ValueError("ILQL needs one or two Q heads and as many target Q heads")
     index = actions.masked_fill(~mask.bool(), 0).unsqueeze(-1)  # (B, T, 1)
     qs = [q.gather(-1, index).squeeze(-1) for q in q_logits]  # each (B, T)
-    target_q = torch.stack([q.gather(-1, index).squeeze(-1) for q in target_q_logits]).min(dim=0).values
+    target_q = torch.stack([q.gather(-1, index).squeeze(-1) if q.dim() == 3 else q for q in target_q_logits])
+    target_q = target_q.min(dim=0).values  # (B, T)
     target_q = target_q.detach()  # (B, T)
     v_next = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # (B, T)
 
