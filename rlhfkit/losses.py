@@ -685,6 +685,7 @@ def ilql_loss(
     alpha: float = 0.1,
     awac_weight: float = 1.0,
     awac_beta: float = 0.0,
+    q_taken: Optional[Sequence[Tensor]] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The full ILQL objective: loss_q + loss_v + alpha loss_cql + awac_weight loss_awac.
 
@@ -694,7 +695,10 @@ def ilql_loss(
     Polyak copies, no gradient), each either per vocabulary token (B, T, V) or already taken at
     the actions (B, T): only Q_target(s_t, a_t) enters the loss, so a recipe may skip the
     full-vocabulary target logits; ``values`` (B, T) V(s_t); ``actions`` (B, T) token ids;
-    ``rewards`` (B, T).
+    ``rewards`` (B, T). ``q_taken`` (optional): one (B, T) tensor per Q head, Q_i(s_t, a_t) computed
+    apart from ``q_logits`` (same values, e.g. as a dot product with the action's weight row), so
+    that the TD gradient does not pass through a gather of the (B, T, V) logits; the logits then
+    serve the CQL term only.
 
     Naming: ``alpha`` is the CQL weight as in the paper (trlX calls it ``cql_scale`` and uses
     ``alpha`` for the target-network sync rate); ``awac_weight`` is trlX's ``awac_scale`` and
@@ -707,7 +711,9 @@ def ilql_loss(
     if len(q_logits) not in (1, 2) or len(target_q_logits) != len(q_logits):
         raise ValueError("ILQL needs one or two Q heads and as many target Q heads")
     index = actions.masked_fill(~mask.bool(), 0).unsqueeze(-1)  # (B, T, 1)
-    qs = [q.gather(-1, index).squeeze(-1) for q in q_logits]  # each (B, T)
+    if q_taken is not None and len(q_taken) != len(q_logits):
+        raise ValueError("q_taken needs one tensor per Q head")
+    qs = list(q_taken) if q_taken is not None else [q.gather(-1, index).squeeze(-1) for q in q_logits]  # each (B, T)
     target_q = torch.stack([q.gather(-1, index).squeeze(-1) if q.dim() == 3 else q for q in target_q_logits])
     target_q = target_q.min(dim=0).values  # (B, T)
     target_q = target_q.detach()  # (B, T)

@@ -20,6 +20,16 @@ from rlhfkit.recipes import ilql
 POOL = "dog bird fish tree house road sun moon star rain snow wind sea river hill red blue green".split()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models (hidden size 32) gain nothing from a second thread, and on a busy shared
+    machine two spinning threads were 20x slower than one: keep these tests' time stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cat_samples(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out = []
@@ -47,18 +57,8 @@ def quick_config(out, **over) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """Hidden size 32 gains nothing from a second thread, and on a busy shared machine two
-    spinning threads can be 20x slower than one: keep the learning tests' time stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.learning
-def test_ilql_advantage_shift_raises_reward(tiny_gpt2, tmp_path, one_thread):
+def test_ilql_advantage_shift_raises_reward(tiny_gpt2, tmp_path):
     data = cat_samples(600)
     rewards = has_cat(None, [o for _, o in data])
     behaviour = sum(rewards) / len(rewards)
@@ -78,7 +78,7 @@ def test_ilql_advantage_shift_raises_reward(tiny_gpt2, tmp_path, one_thread):
 
 
 @pytest.mark.learning
-def test_filtered_bc_learns_from_the_best_rows(tiny_gpt2, tmp_path, one_thread):
+def test_filtered_bc_learns_from_the_best_rows(tiny_gpt2, tmp_path):
     data = cat_samples(400)
     rewards = has_cat(None, [o for _, o in data])
     behaviour = sum(rewards) / len(rewards)
@@ -90,13 +90,14 @@ def test_filtered_bc_learns_from_the_best_rows(tiny_gpt2, tmp_path, one_thread):
     from rlhfkit.models import PolicyModel
 
     prompts = [p for p, _ in cat_samples(100, seed=1)]
-    outs = ilql.decode(PolicyModel(model), summary_tok(tiny_gpt2), prompts, GenerationConfig(max_new_tokens=24, top_k=0), seed=0)
+    gen = GenerationConfig(max_new_tokens=24, top_k=0)
+    outs = ilql.decode(PolicyModel(model), tokenizer_of(tiny_gpt2), prompts, gen, seed=0)
     got = sum(has_cat(prompts, outs)) / len(prompts)
     print(f"behaviour mean {behaviour:.3f}; filtered BC {got:.3f}")
     assert got >= behaviour + 0.3
 
 
-def summary_tok(path):
+def tokenizer_of(path):
     return load_policy(ModelConfig(name_or_path=path))[1]
 
 
@@ -122,7 +123,10 @@ def test_seq2seq_ilql_shapes_and_loss_falls(tiny_t5, tmp_path):
     assert len(out["target_q"]) == 2 and out["target_q"][0].shape == (B, T) and out["values"].shape == (B, T)
     assert torch.equal(out["mask"], batch["labels"] != -100)
     # the target heads start as copies: their Q at the actions equals the online heads' gather
-    assert torch.allclose(out["target_q"][0], out["q"][0].gather(-1, out["actions"][..., None]).squeeze(-1), atol=1e-5)
+    mask = out["mask"]
+    q_taken = out["q"][0].gather(-1, out["actions"][..., None]).squeeze(-1)  # (B, T)
+    assert torch.allclose(out["target_q"][0][mask], q_taken[mask], atol=1e-5)
+    assert out["q"][0][~mask].abs().max() == 0  # padding gets no head product
     assert out["target_q"][0].grad_fn is None
     # the LM logits are the model's own
     ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -145,6 +149,30 @@ def test_seq2seq_ilql_shapes_and_loss_falls(tiny_t5, tmp_path):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_causal_forward_matches_a_plain_forward_per_row(fixture, request):
+    # Rows of different prompt and output lengths (left- and right-padding): the LM logits and
+    # the heads at each action equal those of an unpadded forward of that row alone.
+    model, tok = load_policy(ModelConfig(name_or_path=request.getfixturevalue(fixture)))
+    m = ilql.ILQLModel(model, tokenizer=tok)
+    samples = [ilql.Sample("dog:", "sun moon star", 1.0), ilql.Sample("red blue green sea:", "cat", 0.0)]
+    ex = ilql.tokenize_samples(samples, tok, DataConfig(chat_template="false"), 64, False, DataStats())
+    batch = ilql.collate_scored(ex, tok.pad_token_id, False)
+    out = m(**batch)
+    assert out["mask"].sum(1).tolist() == [len(e.completion_ids) for e in ex]
+    for b, e in enumerate(ex):
+        ids = torch.tensor([e.prompt_ids + e.completion_ids])
+        with torch.no_grad(), ilql.lm_head_input(model) as cap:
+            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1: -1]  # (C, V)
+        n = len(e.completion_ids)
+        assert torch.allclose(out["logits"][b, :n], logits, atol=1e-4)
+        assert torch.equal(out["actions"][b, :n], torch.tensor(e.completion_ids))
+        h = cap["h"][0, len(e.prompt_ids) - 1: -1]
+        assert torch.allclose(out["values"][b, :n], m.heads.value(h), atol=1e-4)
+        assert torch.allclose(out["q"][1][b, :n], m.heads.q(h)[1], atol=1e-4)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_t5"])
 def test_greedy_decoding_follows_the_shifted_logits(fixture, request):
     # Greedy decoding through generate() (hook + logits processor, KV cache) must pick, at each
@@ -157,11 +185,11 @@ def test_greedy_decoding_follows_the_shifted_logits(fixture, request):
         for p in m.heads.target_q.parameters():
             p.normal_(0, 1.0)
     seq2seq = m.is_seq2seq
-    gen = GenerationConfig(do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    greedy = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5)
     beta = 3.0
     prompts = ["dog bird:", "sun moon star:"]
-    texts = m.generate(prompts, beta=beta, **{k: getattr(gen, k) for k in ("do_sample", "max_new_tokens", "min_new_tokens")})
-    plain = m.generate(prompts, beta=0.0, do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    texts = m.generate(prompts, beta=beta, **greedy)
+    plain = m.generate(prompts, beta=0.0, **greedy)
     assert texts != plain  # the shift changes the decoding
     hf = model
     for prompt, text in zip(prompts, texts):
@@ -182,6 +210,24 @@ def test_greedy_decoding_follows_the_shifted_logits(fixture, request):
             cur.append(nxt)
         expect = tok.decode(seq[1:] if seq2seq else seq, skip_special_tokens=True).strip()
         assert text == expect
+
+
+@pytest.mark.unit
+def test_lora_trains_adapters_and_heads_and_reloads(tiny_gpt2, tmp_path):
+    data = cat_samples(32)
+    rewards = has_cat(None, [o for _, o in data])
+    m = ilql.train_offline(tiny_gpt2, data, rewards, **quick_config(
+        tmp_path / "run", lora=dict(enabled=True, target_modules=["all-linear"]), beta=2.0))
+    trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"lm", "heads"}
+    assert all("lora_" in n for n, p in m.lm.named_parameters() if p.requires_grad)
+    saved = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"adapter_model.safetensors", ilql.HEADS_FILE, ilql.HEADS_CONFIG} <= saved
+    assert "model.safetensors" not in saved
+    back = ilql.load_ilql(str(tmp_path / "run"))
+    assert back.beta == 2.0 and back.generation == m.generation
+    prompts = ["dog sun:", "sea hill:"]
+    assert back.generate(prompts, seed=3) == m.eval().generate(prompts, seed=3)
 
 
 @pytest.mark.unit
@@ -228,7 +274,7 @@ def test_terminal_rewards_and_top_samples_by_hand():
 def test_rows_text_or_prompt_output_and_bad_rewards(tiny_gpt2, tmp_path):
     from rlhfkit.data import read_table
 
-    tok = summary_tok(tiny_gpt2)
+    tok = tokenizer_of(tiny_gpt2)
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "dog cat", "score": 1}, {"text": "sun", "score": "0.5"}])
     cfg = DataConfig(path=path, columns={"reward": "score"})
     samples = ilql.offline_samples(read_table(path), cfg, tok, DataStats())

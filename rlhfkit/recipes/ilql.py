@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import numbers
@@ -79,7 +78,7 @@ from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import (
     PolicyModel, apply_lora, hidden_size, is_seq2seq_config, load_policy, save_pretrained, unwrap,
 )
-from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger
+from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger, seed_everything
 
 HEADS_FILE = "ilql_heads.safetensors"
 HEADS_CONFIG = "ilql_heads.json"
@@ -328,6 +327,14 @@ class ILQLHeads(nn.Module):
         return tq - self.value(h)[..., None]
 
 
+def _to_grid(x: torch.Tensor, mask: torch.Tensor, full: bool) -> torch.Tensor:
+    """(N, ...) rows of the true positions of ``mask`` (B, T) -> (B, T, ...), zeros elsewhere."""
+    if full:
+        return x.view(*mask.shape, *x.shape[1:])
+    out = x.new_zeros(*mask.shape, *x.shape[1:])
+    return out.index_put(tuple(mask.nonzero().T), x)
+
+
 @contextmanager
 def lm_head_input(hf: nn.Module):
     """Record the input of the model's output embedding (its last hidden state as the LM head sees
@@ -345,9 +352,9 @@ class ILQLModel(nn.Module):
 
     ``forward`` takes a batch in the shared training layout (``rlhfkit.data.collate``) and returns,
     for the completion columns only (column t = action t in state s_t): ``logits`` (B, T, V),
-    ``q`` (one or two (B, T, V)), ``target_q`` (one or two (B, T), at the actions), ``values``
-    (B, T), ``actions`` (B, T) and ``mask`` (B, T). ``generate(prompts, beta=...)`` decodes with
-    the advantage shift (needs ``tokenizer``).
+    ``q`` (one or two (B, T, V)), ``q_taken`` and ``target_q`` (one or two (B, T) each: Q and
+    target Q of the actions), ``values`` (B, T), ``actions`` (B, T) and ``mask`` (B, T).
+    ``generate(prompts, beta=...)`` decodes with the advantage shift (needs ``tokenizer``).
     """
 
     def __init__(self, lm: nn.Module, heads: Optional[ILQLHeads] = None, two_qs: bool = True, kind: str = "linear",
@@ -359,7 +366,9 @@ class ILQLModel(nn.Module):
         vocab = hf.get_output_embeddings().weight.shape[0]
         self.heads = heads if heads is not None else ILQLHeads(hidden_size(hf.config), vocab, two_qs, kind)
         self.heads.to(next(lm.parameters()).device)
-        self._keep_logits = "logits_to_keep" in inspect.signature(hf.forward).parameters
+        c = hf.config  # as PolicyModel: a head that is more than a linear map takes the model's own forward
+        self._plain_head = (not self.is_seq2seq and not getattr(c, "final_logit_softcapping", None)
+                            and not getattr(c, "logit_scale", None))
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(top_k=20, max_new_tokens=32)
         self.beta = beta
@@ -371,32 +380,42 @@ class ILQLModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 decoder_attention_mask: Optional[torch.Tensor] = None, **_: object) -> dict[str, Any]:
         hf = unwrap(self.lm)
-        with lm_head_input(hf) as cap:
-            if self.is_seq2seq:
-                mask = labels != -100  # (B, T)
-                dec_in = hf.prepare_decoder_input_ids_from_labels(labels=labels.masked_fill(~mask, 0))
+        logits = None
+        if self.is_seq2seq:
+            mask = labels != -100  # (B, T)
+            dec_in = hf.prepare_decoder_input_ids_from_labels(labels=labels.masked_fill(~mask, 0))
+            with lm_head_input(hf) as cap:
                 logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_in,
                                  decoder_attention_mask=decoder_attention_mask, use_cache=False).logits  # (B, T, V)
-                hidden = cap["h"]  # (B, T, H)
-                actions = labels
+            hidden = cap["h"]  # (B, T, H)
+            actions = labels
+        else:
+            # collate's layout: every completion starts at column P; hidden state t - 1 predicts token t
+            P = int((labels != -100).any(0).long().argmax())
+            position_ids = None
+            if attention_mask is not None:  # left padding: count from each row's first real token
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            if self._plain_head:  # the LM head runs below, on the real actions only
+                h = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state  # (B, T, H)
             else:
-                # collate's layout: every completion starts at column P; hidden state t - 1 predicts token t
-                P = int((labels != -100).any(0).long().argmax())
-                C = labels.shape[1] - P
-                position_ids = None
-                if attention_mask is not None:  # left padding: count from each row's first real token
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-                kw = {"logits_to_keep": C + 1} if self._keep_logits else {}
-                logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False, **kw).logits
-                hidden = cap["h"]
-                logits, hidden = logits[:, -C - 1: -1], hidden[:, -C - 1: -1]  # (B, C, V), (B, C, H)
-                actions = labels[:, P:]  # (B, C)
-                mask = actions != -100
+                with lm_head_input(hf) as cap:
+                    logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False).logits[:, P - 1: -1]  # (B, C, V)
+                h = cap["h"]
+            hidden = h[:, P - 1: -1]  # (B, C, H)
+            actions = labels[:, P:]  # (B, C)
+            mask = actions != -100
+        # heads (and the LM head) only where there is an action: padding costs no vocabulary product
+        full = bool(mask.all())
+        h_act = hidden.reshape(-1, hidden.shape[-1]) if full else hidden[mask]  # (N, H)
+        if logits is None:
+            logits = _to_grid(hf.get_output_embeddings()(h_act), mask, full)  # (B, T, V)
         safe = actions.masked_fill(~mask, 0)  # (B, T) any id for padding; the losses mask it
         with torch.no_grad():
             target_q = list(self.heads.target_q.at(hidden.detach(), safe).unbind(0))  # each (B, T)
-        return {"logits": logits, "q": self.heads.q(hidden), "target_q": target_q,
+        return {"logits": logits, "q": [_to_grid(q, mask, full) for q in self.heads.q(h_act)],
+                "q_taken": list(self.heads.q.at(hidden, safe).unbind(0)), "target_q": target_q,
                 "values": self.heads.value(hidden), "actions": safe, "mask": mask}
 
     def shifted(self, beta: float) -> "AdvantageShiftedLM":
@@ -424,7 +443,8 @@ class ILQLModel(nn.Module):
         save_pretrained(self.lm, tokenizer or self.tokenizer, out_dir, merge=merge)
         state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         save_file(state, str(Path(out_dir) / HEADS_FILE))
-        atomic_write_json(Path(out_dir) / HEADS_CONFIG, {**self.heads.spec, "beta": self.beta})
+        atomic_write_json(Path(out_dir) / HEADS_CONFIG, {**self.heads.spec, "beta": self.beta,
+                                                        "generation": dataclasses.asdict(self.generation)})
 
 
 class AdvantageShiftedLM(nn.Module):
@@ -496,7 +516,8 @@ def load_ilql(path: str, device: Optional[torch.device] = None, model_cfg: Optio
         model, tok = load_policy(mcfg, None, device)
     heads = ILQLHeads(spec["hidden"], spec["vocab"], spec["two_qs"], spec["kind"])
     heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
-    return ILQLModel(model, heads, tokenizer=tok, beta=spec.get("beta", 1.0)).eval()
+    gen = from_dict(GenerationConfig, spec.get("generation", {}), source=str(folder / HEADS_CONFIG))
+    return ILQLModel(model, heads, tokenizer=tok, generation=gen, beta=spec.get("beta", 1.0)).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +531,7 @@ def ilql_batch_loss(model: nn.Module, batch: dict, cfg: Config) -> tuple[torch.T
     rewards = terminal_rewards(batch["rewards"], out["mask"])  # (B, T)
     return losses.ilql_loss(out["logits"], out["q"], out["target_q"], out["values"], out["actions"], rewards,
                             out["mask"], gamma=cfg.gamma, tau=cfg.tau, alpha=cfg.cql_weight,
-                            awac_weight=cfg.awac_weight, awac_beta=cfg.awac_beta)
+                            awac_weight=cfg.awac_weight, awac_beta=cfg.awac_beta, q_taken=out["q_taken"])
 
 
 def top_samples(examples: list[ScoredExample], fraction: float) -> list[ScoredExample]:
@@ -556,6 +577,7 @@ class _ILQLEngine(Engine):
 
 def run(cfg: Config, resume: bool = False) -> dict:
     """``rlhfkit ilql``: train on the configured data; returns the summary."""
+    seed_everything(cfg.train.seed)  # LoRA and head initialisation happen before the Engine seeds
     model, tok = load_policy(cfg.model, cfg.lora)
     train_table, held_table = load_splits(cfg.data)
     stats, held_stats = DataStats(), DataStats()
@@ -592,6 +614,7 @@ def train_samples(cfg: Config, model: nn.Module, tok, samples: list[Sample], hel
             mean, std = float(raw.mean()), float(raw.std()) if len(raw) > 1 else 1.0
             std = std if std > 1e-8 else 1.0
             examples = [dataclasses.replace(e, reward=(e.reward - mean) / std) for e in examples]
+        seed_everything(cfg.train.seed)
         policy = ILQLModel(model, two_qs=cfg.two_qs, kind=cfg.heads, tokenizer=tok, generation=cfg.generation,
                            beta=cfg.beta)
 
@@ -699,6 +722,7 @@ def train_offline(model: Union[str, nn.Module], samples: Sequence[Union[str, tup
     if len(samples) != len(rewards):
         raise UserError(f"train_offline: {len(samples)} samples but {len(rewards)} rewards")
 
+    seed_everything(cfg.train.seed)
     if isinstance(model, str):
         lm, tok = load_policy(cfg.model, cfg.lora)
     else:
@@ -732,6 +756,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 __all__ = [
     "Config", "run", "train_offline", "train_samples", "evaluate", "ILQLModel", "ILQLHeads", "QHeads",
-    "AdvantageShiftedLM", "load_ilql", "decode", "prompt_ids", "ilql_batch_loss", "terminal_rewards", "top_samples", "offline_samples",
+    "AdvantageShiftedLM", "load_ilql", "decode", "prompt_ids", "ilql_batch_loss", "terminal_rewards", "top_samples",
+    "offline_samples",
     "tokenize_samples", "collate_scored", "Sample",
 ]
