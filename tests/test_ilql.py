@@ -71,7 +71,8 @@ def test_ilql_advantage_shift_raises_reward(tiny_gpt2, tmp_path):
     print(f"behaviour mean {behaviour:.3f}; decoded reward {got}")
     # The plain policy (beta 0) imitates the behaviour data (150 samples: std of the mean ~0.04);
     # the advantage shift (beta 4) must beat the behaviour mean by at least 0.3 absolute, and the
-    # plain policy by as much. Seeds 0-2 gave beta 0: 0.27-0.37, beta 4: 0.95-0.98.
+    # plain policy by as much. Measured: behaviour 0.278, beta 0: 0.23, beta 4: 0.91 (other data
+    # seeds: beta 0 0.27-0.37, beta 4 0.95-0.98).
     assert got[0] <= behaviour + 0.15
     assert got[4] >= behaviour + 0.3
     assert got[4] >= got[0] + 0.3
@@ -83,7 +84,7 @@ def test_filtered_bc_learns_from_the_best_rows(tiny_gpt2, tmp_path):
     rewards = has_cat(None, [o for _, o in data])
     behaviour = sum(rewards) / len(rewards)
     model = ilql.train_offline(tiny_gpt2, data, rewards, **quick_config(
-        tmp_path / "run", method="filtered_bc", top_fraction=0.2, train=dict(max_steps=150, batch_size=16)))
+        tmp_path / "run", method="filtered_bc", top_fraction=0.2, train=dict(max_steps=300, batch_size=16)))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["kept_rows"] == 80 and summary["kept_reward_min"] == 1.0  # 20% of 400, all with a cat
     assert (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / ilql.HEADS_FILE).exists()
@@ -94,7 +95,7 @@ def test_filtered_bc_learns_from_the_best_rows(tiny_gpt2, tmp_path):
     outs = ilql.decode(PolicyModel(model), tokenizer_of(tiny_gpt2), prompts, gen, seed=0)
     got = sum(has_cat(prompts, outs)) / len(prompts)
     print(f"behaviour mean {behaviour:.3f}; filtered BC {got:.3f}")
-    assert got >= behaviour + 0.3
+    assert got >= behaviour + 0.3  # measured: 0.285 -> 0.72
 
 
 def tokenizer_of(path):
@@ -305,12 +306,15 @@ def test_q_heads_at_actions_equal_the_full_heads():
 def test_target_sync_is_polyak_averaging():
     heads = ilql.ILQLHeads(hidden=2, vocab=3, two_qs=True)
     with torch.no_grad():
-        heads.q.weight.fill_(1.0)
-        heads.target_q.weight.fill_(3.0)
+        for p in heads.q.parameters():
+            p.fill_(1.0)
+        for p in heads.target_q.parameters():
+            p.fill_(3.0)
     heads.sync_target(0.25)  # 0.25 * 1 + 0.75 * 3 = 2.5
-    assert heads.target_q.weight.unique().tolist() == [2.5]
+    assert torch.cat([p.flatten() for p in heads.target_q.parameters()]).unique().tolist() == [2.5]
+    assert len(list(heads.target_q.parameters())) == 4  # two heads x (weight, bias)
     heads.sync_target(1.0)
-    assert heads.target_q.weight.unique().tolist() == [1.0]
+    assert torch.cat([p.flatten() for p in heads.target_q.parameters()]).unique().tolist() == [1.0]
     assert not any(p.requires_grad for p in heads.target_q.parameters())
     assert all(p.requires_grad for p in heads.q.parameters())
 

@@ -274,13 +274,16 @@ class QHeads(nn.Module):
             self.w1 = nn.Parameter(torch.empty(n_q * self.width, hidden))
             self.b1 = nn.Parameter(torch.empty(n_q * self.width))
             _uniform_init(self.w1, self.b1, hidden)
-        self.weight = nn.Parameter(torch.empty(n_q, vocab, self.width))
-        self.bias = nn.Parameter(torch.empty(n_q, vocab))
-        _uniform_init(self.weight, self.bias, self.width)
+        # one (V, width) matrix per head, not one (n_q, V, width) tensor: a slice's gradient would
+        # zero-fill and copy the whole tensor for every head
+        self.weight = nn.ParameterList([nn.Parameter(torch.empty(vocab, self.width)) for _ in range(n_q)])
+        self.bias = nn.ParameterList([nn.Parameter(torch.empty(vocab)) for _ in range(n_q)])
+        for w, b in zip(self.weight, self.bias):
+            _uniform_init(w, b, self.width)
 
     def features(self, h: torch.Tensor) -> list[torch.Tensor]:
         """f(h) of each head: (..., width)."""
-        h = h.to(self.weight.dtype)
+        h = h.to(self.weight[0].dtype)
         if not self.mlp:
             return [h] * self.n_q
         z = F.relu(F.linear(h, self.w1, self.b1))  # (..., n_q * width)
@@ -316,7 +319,7 @@ class ILQLHeads(nn.Module):
             self.v = nn.Linear(hidden, 1)
 
     def value(self, h: torch.Tensor) -> torch.Tensor:
-        return self.v(h.to(self.q.weight.dtype)).squeeze(-1)
+        return self.v(h.to(self.q.weight[0].dtype)).squeeze(-1)
 
     @torch.no_grad()
     def sync_target(self, tau: float) -> None:
