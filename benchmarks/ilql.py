@@ -283,7 +283,14 @@ def main() -> None:
         report.append("## Training step speed\n\n" + text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("# ILQL benchmark\n\n" + "\n\n".join(report) + "\n")
+        import platform
+
+        import transformers
+
+        head = (f"# ILQL benchmark\n\n`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` on "
+                f"{time.strftime('%Y-%m-%d %H:%M')}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+                f"torch {torch.__version__}, transformers {transformers.__version__}.")
+        Path(args.out).write_text(head + "\n\n" + "\n\n".join(report) + "\n")
 
 
 if __name__ == "__main__":
