@@ -146,6 +146,15 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_name: str = "default"
     return get_peft_model(model, pcfg, adapter_name=adapter_name)
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0. Online RL needs it: the log-probs of the sampling pass
+    and of the update pass must come from the same function, or the PPO ratio is noise at step 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model under accelerate/DDP, our wrappers and peft."""
     while True:
