@@ -362,7 +362,7 @@ def load_config(cls: type, path: Optional[str | os.PathLike] = None, overrides: 
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
+        set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
     cfg = from_dict(cls, raw, source=source)
     validate(cfg)
     return cfg
@@ -496,7 +496,7 @@ def _parse_override(cls: type, key: str, text: str) -> Any:
         raise ConfigError(f"override '{key}': cannot parse value {text!r} ({getattr(e, 'problem', e)})") from None
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
