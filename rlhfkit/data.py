@@ -171,11 +171,11 @@ def _read_hub(name: str, split: str, subset: Optional[str]) -> Table:
 
 def load_splits(cfg: DataConfig) -> tuple[Table, Optional[Table]]:
     """Train and held-out tables per the config (eval_path, eval_split, or a seeded fraction)."""
-    train = read_table(cfg.path, cfg.split, cfg.subset)
+    train = select(read_table(cfg.path, cfg.split, cfg.subset), cfg.where)
     if cfg.eval_path:
-        held = read_table(cfg.eval_path, cfg.eval_split or cfg.split, cfg.subset)
+        held = select(read_table(cfg.eval_path, cfg.eval_split or cfg.split, cfg.subset), cfg.where)
     elif cfg.eval_split:
-        held = read_table(cfg.path, cfg.eval_split, cfg.subset)
+        held = select(read_table(cfg.path, cfg.eval_split, cfg.subset), cfg.where)
     elif cfg.eval_fraction > 0 and len(train.rows) > 1:
         order = list(range(len(train.rows)))
         random.Random(cfg.shuffle_seed).shuffle(order)
@@ -187,6 +187,19 @@ def load_splits(cfg: DataConfig) -> tuple[Table, Optional[Table]]:
     if cfg.max_rows is not None:
         train = _subset(train, list(range(min(cfg.max_rows, len(train.rows)))))
     return train, held
+
+
+def select(t: Table, where: dict[str, str]) -> Table:
+    """Rows whose columns equal ``where``'s values (compared as text); an unknown column is an error."""
+    if not where:
+        return t
+    for col in where:
+        if t.rows and col not in t.rows[0]:
+            raise UserError(f"{t.where(0)}: data.where names column '{col}', which the data does not have")
+    keep = [i for i, r in enumerate(t.rows) if all(str(r.get(c)) == str(v) for c, v in where.items())]
+    if not keep:
+        raise UserError(f"{t.source}: no row matches data.where {where}")
+    return _subset(t, keep)
 
 
 def _subset(t: Table, idx: list[int]) -> Table:
