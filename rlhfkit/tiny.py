@@ -71,11 +71,31 @@ def build_model(kind: str, vocab_size: int, seed: int = 0):
     raise ValueError(kind)
 
 
+def save_tiny_bert(folder: Path, seed: int = 0) -> str:
+    """A tiny BERT with a fresh one-logit head and a word-level WordPiece vocab (reward models)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "!", ":", "'"] + sorted(set(WORDS)) + \
+        [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["##" + chr(c) for c in range(ord("a"), ord("z") + 1)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizer(vocab=str(folder / "vocab.txt"), model_max_length=256)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256, num_labels=1, initializer_range=0.2)
+    BertForSequenceClassification(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def save_tiny(kind: str, folder: Path, seed: int = 0) -> str:
     """Build and save a tiny model + tokenizer; returns the folder (a 'model name')."""
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return str(folder)
+    if kind == "bert":
+        return save_tiny_bert(folder, seed)
     tok = build_tokenizer(seq2seq=kind == "t5", chat=kind == "llama")
     model = build_model(kind, len(tok), seed)
     model.save_pretrained(folder, safe_serialization=True)

@@ -65,7 +65,7 @@ def write_report(out_dir: Path, quick: bool) -> dict:
     m = json.loads((eval_dir / "metrics.json").read_text())
     ppo_summary = json.loads((ppo_dir / "summary.json").read_text())
     tox = m.get("toxicity_change", {}).get("after", {})
-    rel = m.get("relevance", {})
+    rel = m.get("semantic_relevance", {})
     kl = m.get("kl", {}).get("after")
     rel_ratio = (rel.get("after") / rel["before"]) if rel.get("before") else None
     headline = {

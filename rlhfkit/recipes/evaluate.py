@@ -43,7 +43,8 @@ import torch
 from rlhfkit import metrics as M
 from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, UserError
 from rlhfkit.config import save_config
-from rlhfkit.data import Example, Table, collate, encode_completion, encode_prompt, read_table, user_prompt, wrap_prompt
+from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
+                          wrap_prompt)
 from rlhfkit.models import PolicyModel, load_policy, load_tokenizer, pick_device
 from rlhfkit.rewards import Toxicity, build_reward, validate_reward
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
@@ -408,7 +409,7 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
 
 def run(cfg: Config, resume: bool = False) -> dict:
     out_dir = Path(cfg.output_dir)
-    table = read_table(cfg.data.path, cfg.data.split, cfg.data.subset)
+    table = select(read_table(cfg.data.path, cfg.data.split, cfg.data.subset), cfg.data.where)
     if cfg.data.max_rows is not None:
         table = Table(table.rows[: cfg.data.max_rows], table.source, table.row_numbers[: cfg.data.max_rows])
     if not table.rows:
