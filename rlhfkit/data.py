@@ -270,6 +270,13 @@ def wrap_prompt(user: str, cfg: DataConfig, tokenizer) -> str:
     return render_messages(messages, tokenizer)
 
 
+def messages_prompt(messages: list[dict], tokenizer, cfg: DataConfig) -> str:
+    """The prompt before an assistant turn: the chat template, or ``role: content`` lines without one."""
+    if use_chat_template(tokenizer, cfg):
+        return render_messages(messages, tokenizer)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+
 def check_messages(table: Table, i: int, name: str, cfg: DataConfig) -> list[dict]:
     col = cfg.columns.get(name, name)
     msgs = table.rows[i].get(col)
@@ -313,11 +320,7 @@ def sft_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> 
         try:
             if chat_col in row and cfg.prompt_template is None and cfg.columns.get("prompt", "prompt") not in row:
                 msgs = check_messages(table, i, "messages", cfg)
-                if use_chat_template(tokenizer, cfg):
-                    prompt = render_messages(msgs[:-1], tokenizer)
-                else:
-                    prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs[:-1]) + "\nassistant:"
-                out.append((prompt, msgs[-1]["content"]))
+                out.append((messages_prompt(msgs[:-1], tokenizer, cfg), msgs[-1]["content"]))
             else:
                 out.append((build_prompt(table, i, cfg, tokenizer), require_text(table, i, "completion", cfg)))
         except UserError as e:
@@ -346,8 +349,7 @@ def preference_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataSta
                 r_msgs = check_messages(table, i, "rejected", cfg)
                 if c_msgs[:-1] != r_msgs[:-1]:
                     raise UserError(f"{table.where(i)}: chosen and rejected conversations differ before the last turn")
-                prompt = render_messages(c_msgs[:-1], tokenizer) if use_chat_template(tokenizer, cfg) else (
-                    "\n".join(f"{m['role']}: {m['content']}" for m in c_msgs[:-1]) + "\nassistant:")
+                prompt = messages_prompt(c_msgs[:-1], tokenizer, cfg)
                 chosen, rejected = c_msgs[-1]["content"], r_msgs[-1]["content"]
             elif p_col in row or cfg.prompt_template is not None:
                 prompt = build_prompt(table, i, cfg, tokenizer)
