@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    from rlhfkit.utils import setup_logging
+
+    setup_logging()
     try:
         if command not in COMMANDS:
             import difflib

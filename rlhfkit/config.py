@@ -135,6 +135,9 @@ class DataConfig:
     drop_invalid: bool = False
     """Drop rows that fail the schema check (missing or empty field, chosen == rejected) with a
     counted warning, instead of stopping with an error."""
+    where: dict[str, str] = field(default_factory=dict)
+    """Keep only rows whose columns equal these values, e.g. ``{split: test}`` (applied to every
+    table read, before the held-out split)."""
     max_rows: Optional[int] = None
     """Use only the first N rows (after the split), for quick runs."""
     shuffle_seed: int = 0

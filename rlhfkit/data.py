@@ -171,11 +171,11 @@ def _read_hub(name: str, split: str, subset: Optional[str]) -> Table:
 
 def load_splits(cfg: DataConfig) -> tuple[Table, Optional[Table]]:
     """Train and held-out tables per the config (eval_path, eval_split, or a seeded fraction)."""
-    train = read_table(cfg.path, cfg.split, cfg.subset)
+    train = select(read_table(cfg.path, cfg.split, cfg.subset), cfg.where)
     if cfg.eval_path:
-        held = read_table(cfg.eval_path, cfg.eval_split or cfg.split, cfg.subset)
+        held = select(read_table(cfg.eval_path, cfg.eval_split or cfg.split, cfg.subset), cfg.where)
     elif cfg.eval_split:
-        held = read_table(cfg.path, cfg.eval_split, cfg.subset)
+        held = select(read_table(cfg.path, cfg.eval_split, cfg.subset), cfg.where)
     elif cfg.eval_fraction > 0 and len(train.rows) > 1:
         order = list(range(len(train.rows)))
         random.Random(cfg.shuffle_seed).shuffle(order)
@@ -187,6 +187,19 @@ def load_splits(cfg: DataConfig) -> tuple[Table, Optional[Table]]:
     if cfg.max_rows is not None:
         train = _subset(train, list(range(min(cfg.max_rows, len(train.rows)))))
     return train, held
+
+
+def select(t: Table, where: dict[str, str]) -> Table:
+    """Rows whose columns equal ``where``'s values (compared as text); an unknown column is an error."""
+    if not where:
+        return t
+    for col in where:
+        if t.rows and col not in t.rows[0]:
+            raise UserError(f"{t.where(0)}: data.where names column '{col}', which the data does not have")
+    keep = [i for i, r in enumerate(t.rows) if all(str(r.get(c)) == str(v) for c, v in where.items())]
+    if not keep:
+        raise UserError(f"{t.source}: no row matches data.where {where}")
+    return _subset(t, keep)
 
 
 def _subset(t: Table, idx: list[int]) -> Table:
@@ -257,6 +270,13 @@ def wrap_prompt(user: str, cfg: DataConfig, tokenizer) -> str:
     return render_messages(messages, tokenizer)
 
 
+def messages_prompt(messages: list[dict], tokenizer, cfg: DataConfig) -> str:
+    """The prompt before an assistant turn: the chat template, or ``role: content`` lines without one."""
+    if use_chat_template(tokenizer, cfg):
+        return render_messages(messages, tokenizer)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+
 def check_messages(table: Table, i: int, name: str, cfg: DataConfig) -> list[dict]:
     col = cfg.columns.get(name, name)
     msgs = table.rows[i].get(col)
@@ -300,11 +320,7 @@ def sft_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> 
         try:
             if chat_col in row and cfg.prompt_template is None and cfg.columns.get("prompt", "prompt") not in row:
                 msgs = check_messages(table, i, "messages", cfg)
-                if use_chat_template(tokenizer, cfg):
-                    prompt = render_messages(msgs[:-1], tokenizer)
-                else:
-                    prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs[:-1]) + "\nassistant:"
-                out.append((prompt, msgs[-1]["content"]))
+                out.append((messages_prompt(msgs[:-1], tokenizer, cfg), msgs[-1]["content"]))
             else:
                 out.append((build_prompt(table, i, cfg, tokenizer), require_text(table, i, "completion", cfg)))
         except UserError as e:
@@ -333,8 +349,7 @@ def preference_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataSta
                 r_msgs = check_messages(table, i, "rejected", cfg)
                 if c_msgs[:-1] != r_msgs[:-1]:
                     raise UserError(f"{table.where(i)}: chosen and rejected conversations differ before the last turn")
-                prompt = render_messages(c_msgs[:-1], tokenizer) if use_chat_template(tokenizer, cfg) else (
-                    "\n".join(f"{m['role']}: {m['content']}" for m in c_msgs[:-1]) + "\nassistant:")
+                prompt = messages_prompt(c_msgs[:-1], tokenizer, cfg)
                 chosen, rejected = c_msgs[-1]["content"], r_msgs[-1]["content"]
             elif p_col in row or cfg.prompt_template is not None:
                 prompt = build_prompt(table, i, cfg, tokenizer)

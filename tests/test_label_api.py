@@ -338,7 +338,7 @@ def test_bad_input_names_file_row_and_field(tmp_path):
     with pytest.raises(UserError, match=r"row 1: field 'g' must be a, b, tie"):
         load_pairs(make_cfg(tmp_path, f"path={path}", "columns.gold=g"))
     path.write_text('{"prompt": "p"\n')
-    with pytest.raises(UserError, match=r"bad.jsonl: line 1: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad.jsonl: row 1: malformed JSON"):
         load_pairs(make_cfg(tmp_path, f"path={path}"))
 
 

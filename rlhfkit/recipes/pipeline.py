@@ -98,9 +98,15 @@ def stage_config(stage: StageConfig, parent: str, outputs: dict[str, str], overr
 
     module_name, preset = COMMANDS[stage.command]
     module = importlib.import_module(module_name)
-    base = to_dict(load_config(module.Config, stage.file, preset)) if stage.file else to_dict(
-        load_config(module.Config, None, preset))
-    raw = _merge(base, _substitute(stage.config, outputs, stage.name))
+    raw = to_dict(module.Config())  # defaults; validated only once everything is applied
+    if stage.file:
+        if not Path(stage.file).is_file():
+            raise ConfigError(f"stage '{stage.name}': config file {stage.file} not found")
+        raw = _merge(raw, yaml.safe_load(Path(stage.file).read_text()) or {})
+    for item in preset:
+        k, v = item.split("=", 1)
+        set_dotted(raw, k, yaml.safe_load(v))
+    raw = _merge(raw, _substitute(stage.config, outputs, stage.name))
     key = _output_key(raw)
     given = stage.config.get(key[0], {}).get(key[1]) if len(key) == 2 else stage.config.get(key[0])
     if not given:
