@@ -62,14 +62,14 @@ def render(conversation: list[Message], tokenizer, chat_template: str = "auto",
     ``role: content`` lines that ``rlhfkit.data`` uses for chat rows, ending in ``assistant:``.
     ``system_prompt`` is put first unless the conversation starts with its own system message.
     """
-    from rlhfkit.data import render_messages, use_chat_template
+    from rlhfkit.data import messages_prompt
 
     msgs = list(conversation)
     if system_prompt and not (msgs and msgs[0]["role"] == "system"):
         msgs = [{"role": "system", "content": system_prompt}] + msgs
-    if tokenizer is not None and use_chat_template(tokenizer, DataConfig(chat_template=chat_template)):
-        return render_messages(msgs, tokenizer)
-    return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
+    if tokenizer is None:
+        return messages_prompt(msgs, None, DataConfig(chat_template="false"))
+    return messages_prompt(msgs, tokenizer, DataConfig(chat_template=chat_template))
 
 
 def load_lm(model: ModelConfig, adapter_path: Optional[str] = None, cpu: bool = False):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, save_config
 from rlhfkit.feedback import (ChatFn, ChatGenerator, Principle, constitutional_revisions, default_principles, load_lm,
@@ -33,9 +33,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Answer with a trained adapter: ``lora.enabled=true lora.adapter_path=...``."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Prompt rows (``prompt`` column or ``prompt_template``; ``chat_template``, ``system_prompt``, ``max_rows``)."""
-    where: dict[str, Any] = field(default_factory=dict)
-    """Use only rows whose columns equal these values, e.g. ``{split: train}``."""
+    """Prompt rows (``prompt`` column or ``prompt_template``; ``chat_template``, ``system_prompt``,
+    ``where``, ``max_rows``)."""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=128, batch_size=8))
     """Decoding of answers, critiques and revisions."""
     principles: list[Principle] = field(default_factory=default_principles)
@@ -68,7 +67,7 @@ def run(cfg: Config, resume: bool = False, chat: Optional[ChatFn] = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     records_file = out / "revisions.jsonl"
-    prompts, _, source = load_prompts(cfg)  # type: ignore[arg-type]  (same data/where fields)
+    prompts, _, source = load_prompts(cfg.data)
     records = read_rows(records_file)
     done = {r["prompt"] for r in records}
     todo = list(dict.fromkeys(p for p in prompts if p not in done))

@@ -43,7 +43,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, UserError
 from rlhfkit.config import save_config
@@ -93,9 +93,7 @@ class Config:
     """Sample from a trained adapter: ``lora.enabled=true lora.adapter_path=runs/sft``."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompt rows (``prompt`` column or ``prompt_template``; ``chat_template``, ``system_prompt``,
-    ``max_rows``); the other columns go to the rewards and checks."""
-    where: dict[str, Any] = field(default_factory=dict)
-    """Use only rows whose columns equal these values, e.g. ``{split: train}``."""
+    ``where`` e.g. ``{split: train}``, ``max_rows``); the other columns go to the rewards and checks."""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64, batch_size=16))
     """Sampling; ``generation.batch_size`` counts sequences, so a round takes
     ``batch_size // num_samples`` prompts."""
@@ -430,20 +428,15 @@ def histogram_png(gaps: list[float], title: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_prompts(cfg: Config) -> tuple[list[str], list[dict], str]:
-    """(user prompts, their rows, source name): rows filtered by ``where``, then ``data.max_rows``."""
-    from rlhfkit.data import Table, read_table, user_prompt
+def load_prompts(data: DataConfig) -> tuple[list[str], list[dict], str]:
+    """(user prompts, their rows, source name): all rows of ``data.path`` that match
+    ``data.where``, then the first ``data.max_rows`` (no held-out split)."""
+    from rlhfkit.data import Table, read_table, select, user_prompt
 
-    table = read_table(cfg.data.path, cfg.data.split, cfg.data.subset)
-    if cfg.where:
-        keep = [i for i, r in enumerate(table.rows) if all(r.get(k) == v for k, v in cfg.where.items())]
-        if table.rows and not keep:
-            raise UserError(f"{table.source}: no row matches where={cfg.where}")
-        nums = table.row_numbers or list(range(1, len(table.rows) + 1))
-        table = Table([table.rows[i] for i in keep], table.source, [nums[i] for i in keep])
-    if cfg.data.max_rows is not None:
-        table = Table(table.rows[: cfg.data.max_rows], table.source, table.row_numbers[: cfg.data.max_rows])
-    prompts = [user_prompt(table, i, cfg.data) for i in range(len(table.rows))]
+    table = select(read_table(data.path, data.split, data.subset), data.where)
+    if data.max_rows is not None:
+        table = Table(table.rows[: data.max_rows], table.source, table.row_numbers[: data.max_rows])
+    prompts = [user_prompt(table, i, data) for i in range(len(table.rows))]
     return prompts, table.rows, table.source
 
 
@@ -486,7 +479,7 @@ def run(cfg: Config, resume: bool = False, sample_fn: Optional[SampleFn] = None,
                            "config are kept (set overwrite=true to start again)")
     save_config(cfg, old_cfg)
 
-    prompts, rows, source = load_prompts(cfg)
+    prompts, rows, source = load_prompts(cfg.data)
     accepted_rows = read_rows(paths.working)
     failed_rows = read_rows(paths.failed)
     done = {r["prompt"] for r in accepted_rows} | {r["prompt"] for r in failed_rows}
