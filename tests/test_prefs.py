@@ -354,3 +354,46 @@ def test_shipped_prefs_examples_load():
         scfg, _ = pipeline.stage_config(stage, pipe.output_dir, outputs, [])
         outputs[stage.name] = scfg.train.output_dir if hasattr(scfg, "train") else scfg.output_dir
     assert outputs["prefs"] == "runs/prefs_then_dpo/prefs"
+
+
+@pytest.mark.learning
+def test_prefs_then_dpo_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
+    """The shipped prefs -> SFT -> DPO -> eval pipeline with only the model (and sizes) changed:
+    rows flow from stage to stage, DPO uses the SFT adapter as its frozen reference, eval reports a
+    win rate."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    pytest.importorskip("rlhfkit.recipes.dpo")  # merged from the dpo branch
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "examples/prefs_then_dpo.yaml").read_text())
+    cfg["output_dir"] = str(tmp_path / "pipe")
+    cfg["stages"][0]["file"] = str(root / cfg["stages"][0]["file"])
+    ev = cfg["stages"][3]["config"]
+    for m in ev["models"]:
+        m["model"]["name_or_path"] = tiny_llama
+    ev["data"]["path"] = str(root / ev["data"]["path"])
+    ev.update(progress=False, generation={**ev["generation"], "max_new_tokens": 6})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    over = [f"prefs.model.name_or_path={tiny_llama}", f"prefs.data.path={root / 'examples/data/emotion_prompts.jsonl'}",
+            "prefs.data.max_rows=6", "prefs.generation.max_new_tokens=6", "prefs.min_gap=0.0", "prefs.progress=false",
+            "prefs.checks.label_column=null", "prefs.checks.clean=false", "prefs.checks.end_punctuation=null",
+            f"sft.model.name_or_path={tiny_llama}", "sft.train.max_steps=2", "sft.train.batch_size=2",
+            f"dpo.model.name_or_path={tiny_llama}", "dpo.train.max_steps=2", "dpo.train.batch_size=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "run", str(tmp_path / "p.yaml"), *over], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = tmp_path / "pipe"
+    summary = json.loads((pipe / "prefs/summary.json").read_text())
+    rows = read_jsonl(pipe / "prefs/prefs.jsonl")
+    assert summary["prompts"] == 6 and summary["accepted"] + summary["failed"] == 6 and len(rows) == summary["accepted"] >= 1
+    assert {r["target"] for r in rows} <= {"positive", "negative"} and all(r["split"] == "train" for r in rows)
+    assert f"reference: frozen adapter {pipe / 'sft'}" in proc.stderr  # two adapters, one base
+    metrics = json.loads((pipe / "eval/metrics.json").read_text())
+    assert metrics["prompts"] == 40 and metrics["judge"] == "total"  # the held-out split only
+    assert set(metrics["win_rate_vs_baseline"]) == {"dpo"}
