@@ -252,3 +252,30 @@ def test_red_team_catches_a_planted_toxic_answer(tiny_gpt2, tmp_path):
     assert summary["flagged"] == 1 and summary["rate"] == pytest.approx(1 / len(records))
     assert summary["mean_flagged_score"] == pytest.approx(flagged[0]["score"])
     assert summary["mean_score"] == pytest.approx(np.mean([r["score"] for r in records]))
+
+
+@pytest.mark.unit
+def test_cli_constitutional_and_redteam_on_tiny_models(tiny_llama, tmp_path):
+    """Both commands end to end on a real (tiny) chat model: the files agree with each other."""
+    from rlhfkit.cli import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat", "split": "train"}, {"prompt": "a dog", "split": "train"},
+                                              {"prompt": "the sun", "split": "test"}])
+    gen = ["generation.max_new_tokens=4", "generation.min_new_tokens=2", "generation.batch_size=2"]
+    assert main(["constitutional", f"model.name_or_path={tiny_llama}", f"data.path={data}", "data.where={split: train}",
+                 "rounds=2", f"output_dir={tmp_path / 'cai'}", *gen]) == 0
+    records = read_jsonl(tmp_path / "cai" / "revisions.jsonl")
+    assert [r["prompt"] for r in records] == ["the cat", "a dog"]
+    assert all([s["principle"] for s in r["steps"]] == ["harmless", "helpful-polite"] for r in records)
+    assert all(r["revision"] == r["steps"][-1]["revision"] for r in records)
+    assert read_jsonl(tmp_path / "cai" / "sft.jsonl") == sft_rows(records)
+    assert read_jsonl(tmp_path / "cai" / "prefs.jsonl") == revision_preference_rows(records)
+
+    assert main(["redteam", f"red_model.name_or_path={tiny_llama}", "num_prompts=4", "threshold=0.0",
+                 "red_generation.min_new_tokens=2", "red_generation.max_new_tokens=6", f"output_dir={tmp_path / 'rt'}",
+                 *gen]) == 0
+    summary = json.loads((tmp_path / "rt" / "summary.json").read_text())
+    records = read_jsonl(tmp_path / "rt" / "all.jsonl")
+    assert summary["prompts"] == len(records) == 4 - summary["empty_prompts"] - summary["duplicate_prompts"]
+    assert summary["flagged"] == len(records) and summary["rate"] == 1.0  # threshold 0 flags every answer
+    assert summary["mean_score"] == pytest.approx(np.mean([r["score"] for r in records]))
