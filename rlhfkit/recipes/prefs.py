@@ -311,6 +311,20 @@ def model_sampler(model, tokenizer, cfg: Config) -> SampleFn:
     return sample
 
 
+def sample_by_temperature(sample_fn: SampleFn, prompts: list[str], temperatures: list[float]) -> list[str]:
+    """One ``sample_fn`` call per distinct temperature (all prompts of a round in one batch);
+    completions come back in the order of ``prompts``."""
+    out: list[str] = [""] * len(prompts)
+    for temp in dict.fromkeys(temperatures):
+        idx = [i for i, t in enumerate(temperatures) if t == temp]
+        got = sample_fn([prompts[i] for i in idx], temp)
+        if len(got) != len(idx):
+            raise UserError(f"sampler returned {len(got)} completions for {len(idx)} prompts")
+        for i, c in zip(idx, got):
+            out[i] = c
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
@@ -557,14 +571,7 @@ def run(cfg: Config, resume: bool = False, sample_fn: Optional[SampleFn] = None,
             rounds += 1
             user_prompts = [prompts[j.index] for j in active for _ in range(n)]
             sample_temps = [temps[k % len(temps)] for _ in active for k in range(n)]
-            completions: list[Optional[str]] = [None] * len(user_prompts)
-            for t in dict.fromkeys(sample_temps):
-                idx = [i for i, tt in enumerate(sample_temps) if tt == t]
-                got = sample_fn([user_prompts[i] for i in idx], t)
-                if len(got) != len(idx):
-                    raise UserError(f"sampler returned {len(got)} completions for {len(idx)} prompts")
-                for i, c in zip(idx, got):
-                    completions[i] = c
+            completions = sample_by_temperature(sample_fn, user_prompts, sample_temps)
             texts = [trim_to_sentence(c) if cfg.trim_to_sentence else c for c in completions]
             samples += len(texts)
             columns = {k: [rows[j.index].get(k) for j in active for _ in range(n)] for k in col_names}
@@ -648,4 +655,4 @@ def _f(x) -> str:
 
 __all__ = ["Config", "ChecksConfig", "Checker", "Decision", "decide", "pick", "run", "gap_statistics",
            "trim_to_sentence", "ends_with", "output_paths", "read_rows", "reward_scorer", "judge_scorer",
-           "model_sampler", "load_prompts"]
+           "model_sampler", "sample_by_temperature", "load_prompts"]
