@@ -444,7 +444,9 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
     def save(out):
         save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
 
-    return engine.finish(save if cfg.train.save_model else None, extra)
+    summary = engine.finish(save if cfg.train.save_model else None, extra)
+    summary["policy"] = engine.unwrapped().lm  # for Python callers (rlhfkit.train); not in summary.json
+    return summary
 
 
 def reward_metrics(b: Batch, group_size: int, engine: Engine) -> dict[str, float]:
