@@ -183,7 +183,10 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, mer
             save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
                       str(out / "value_head.safetensors"))
         model = model.lm
-    model.save_pretrained(out, safe_serialization=True)
+    if is_peft(model):  # only the trained adapter, not a frozen reference adapter loaded beside it
+        model.save_pretrained(out, safe_serialization=True, selected_adapters=[model.active_adapter])
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if merge and is_peft(model):
