@@ -85,9 +85,22 @@ def train(model: Any, reward_fn: Optional[Callable] = None, prompts: Optional[Se
     cfg = make_config(recipe.Config, config, **{k.replace(".", "__"): v for k, v in overrides.items()})
     if prompts is None and not cfg.data.path:
         raise UserError("train(): pass prompts=[...] or set data.path in the config")
-    summary = recipe.run(cfg, reward_fn=reward_fn, prompts=list(prompts) if prompts is not None else None,
-                         model=model_obj, tokenizer=tokenizer)
-    return summary["policy"]
+    if algorithm == "ppo":
+        summary = recipe.run(cfg, reward_fn=reward_fn, prompts=list(prompts) if prompts is not None else None,
+                             model=model_obj, tokenizer=tokenizer)
+        return summary["policy"]
+    # GRPO/RLOO read prompts from data.path: write the list next to the run's output
+    if model_obj is not None:
+        raise UserError(f"train(algorithm='{algorithm}') takes a model name or path, not a model object")
+    if prompts is not None:
+        from pathlib import Path
+
+        from rlhfkit.utils import atomic_write_jsonl
+
+        path = Path(cfg.train.output_dir) / "prompts.jsonl"
+        atomic_write_jsonl(path, [{"prompt": p} for p in prompts])
+        cfg.data.path, cfg.data.prompt_template = str(path), None
+    return recipe.run(cfg, reward_fn=reward_fn)["policy"]
 
 
 __all__ = ["train", "make_config"]

@@ -257,6 +257,7 @@ class GenerationConfig:
 
     def validate(self) -> None:
         _check_positive("generation.max_new_tokens", self.max_new_tokens)
+        _check_positive("generation.batch_size", self.batch_size)
         _check_choice("generation.backend", self.backend, ["hf", "vllm"])
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(

@@ -685,14 +685,20 @@ def ilql_loss(
     alpha: float = 0.1,
     awac_weight: float = 1.0,
     awac_beta: float = 0.0,
+    q_taken: Optional[Sequence[Tensor]] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The full ILQL objective: loss_q + loss_v + alpha loss_cql + awac_weight loss_awac.
 
     Shapes (column t = action t in state s_t, ``mask`` marks the real actions):
     ``logits`` (B, T, V) LM logits predicting the actions; ``q_logits`` one or two (B, T, V)
     tensors from the Q heads; ``target_q_logits`` the same from the target Q heads (the slow
-    Polyak copies, no gradient); ``values`` (B, T) V(s_t); ``actions`` (B, T) token ids;
-    ``rewards`` (B, T).
+    Polyak copies, no gradient), each either per vocabulary token (B, T, V) or already taken at
+    the actions (B, T): only Q_target(s_t, a_t) enters the loss, so a recipe may skip the
+    full-vocabulary target logits; ``values`` (B, T) V(s_t); ``actions`` (B, T) token ids;
+    ``rewards`` (B, T). ``q_taken`` (optional): one (B, T) tensor per Q head, Q_i(s_t, a_t) computed
+    apart from ``q_logits`` (same values, e.g. as a dot product with the action's weight row), so
+    that the TD gradient does not pass through a gather of the (B, T, V) logits; the logits then
+    serve the CQL term only.
 
     Naming: ``alpha`` is the CQL weight as in the paper (trlX calls it ``cql_scale`` and uses
     ``alpha`` for the target-network sync rate); ``awac_weight`` is trlX's ``awac_scale`` and
@@ -705,8 +711,11 @@ def ilql_loss(
     if len(q_logits) not in (1, 2) or len(target_q_logits) != len(q_logits):
         raise ValueError("ILQL needs one or two Q heads and as many target Q heads")
     index = actions.masked_fill(~mask.bool(), 0).unsqueeze(-1)  # (B, T, 1)
-    qs = [q.gather(-1, index).squeeze(-1) for q in q_logits]  # each (B, T)
-    target_q = torch.stack([q.gather(-1, index).squeeze(-1) for q in target_q_logits]).min(dim=0).values
+    if q_taken is not None and len(q_taken) != len(q_logits):
+        raise ValueError("q_taken needs one tensor per Q head")
+    qs = list(q_taken) if q_taken is not None else [q.gather(-1, index).squeeze(-1) for q in q_logits]  # each (B, T)
+    target_q = torch.stack([q.gather(-1, index).squeeze(-1) if q.dim() == 3 else q for q in target_q_logits])
+    target_q = target_q.min(dim=0).values  # (B, T)
     target_q = target_q.detach()  # (B, T)
     v_next = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # (B, T)
 

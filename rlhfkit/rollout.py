@@ -141,8 +141,12 @@ class Experience:
 
 def rollout(model: nn.Module, tokenizer, prompts: list[str], prompt_ids: list[list[int]], gen: GenerationConfig,
             max_new_tokens: Optional[int] = None) -> Experience:
-    """Sample one response per prompt (repeat prompts for groups) and build the training batch."""
-    responses = generate_ids(model, tokenizer, prompt_ids, gen, max_new_tokens)
+    """Sample one response per prompt (repeat prompts for groups) and build the training batch.
+
+    Prompts go to ``generate`` ``gen.batch_size`` at a time; the batch is collated once."""
+    responses = []
+    for s in range(0, len(prompt_ids), gen.batch_size):
+        responses += generate_ids(model, tokenizer, prompt_ids[s: s + gen.batch_size], gen, max_new_tokens)
     eos = tokenizer.eos_token_id
     responses = [r if r else [eos] for r in responses]
     seq2seq = bool(getattr(unwrap(_lm(model)).config, "is_encoder_decoder", False))

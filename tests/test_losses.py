@@ -546,3 +546,32 @@ def test_ilql_loss_composes_terms_by_hand():
     assert m1["loss/q"] == approx(0.625)
     assert m1["loss/cql"] == approx((l1e + math.log1p(math.exp(-2))) / 2)
     assert m1["loss/v"] == approx(0.5 * 0.25)  # 0.5 (0.25 + 0.25) / 2
+
+
+@pytest.mark.unit
+def test_ilql_loss_takes_target_q_at_the_actions():
+    # Target heads given as Q of the taken actions (B, T) instead of (B, T, V): same numbers as
+    # the by-hand test above. Target head 1 at actions [0, 1]: [1, 2]; head 2: [2, 0] -> min [1, 0].
+    q1 = t([[[1.0, 0.0], [0.0, 2.0]]])
+    q2 = t([[[0.0, 0.0], [0.0, 1.0]]])
+    values = t([[0.5, 1.5]])
+    logits = torch.zeros(1, 2, 2, dtype=torch.float64)
+    actions, rewards, mask = torch.tensor([[0, 1]]), t([[0.0, 1.0]]), torch.tensor([[1, 1]])
+    full = L.ilql_loss(logits, (q1, q2), (q1.clone(), t([[[2.0, 0.0], [0.0, 0.0]]])), values, actions, rewards,
+                       mask, gamma=1.0, tau=0.5)[1]
+    at = L.ilql_loss(logits, (q1, q2), (t([[1.0, 2.0]]), t([[2.0, 0.0]])), values, actions, rewards, mask,
+                     gamma=1.0, tau=0.5)[1]
+    assert at["loss/v"] == approx(0.625)  # u = [1 - 0.5, 0 - 1.5], as worked out above
+    assert at == approx(full)
+    # Q of the taken actions given apart from the logits: same loss and same gradients
+    q1g, q2g = q1.clone().requires_grad_(), q2.clone().requires_grad_()
+    taken = [q1g.gather(-1, actions[..., None]).squeeze(-1), q2g.gather(-1, actions[..., None]).squeeze(-1)]
+    assert [q.tolist() for q in taken] == [[[1.0, 2.0]], [[0.0, 1.0]]]
+    apart = L.ilql_loss(logits, (q1g, q2g), (t([[1.0, 2.0]]), t([[2.0, 0.0]])), values, actions, rewards, mask,
+                        gamma=1.0, tau=0.5, q_taken=taken)
+    assert apart[1] == approx(full)
+    q1r, q2r = q1.clone().requires_grad_(), q2.clone().requires_grad_()
+    L.ilql_loss(logits, (q1r, q2r), (t([[1.0, 2.0]]), t([[2.0, 0.0]])), values, actions, rewards, mask,
+                gamma=1.0, tau=0.5)[0].backward()
+    apart[0].backward()
+    assert torch.allclose(q1g.grad, q1r.grad) and torch.allclose(q2g.grad, q2r.grad)

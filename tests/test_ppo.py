@@ -131,3 +131,18 @@ def test_bad_reward_function_output_is_a_user_error(tiny_gpt2, tmp_path):
     cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run")
     with pytest.raises(UserError, match="returned 1 values for 16"):
         ppo.run(cfg, reward_fn=lambda p, c, **k: [0.0])
+
+
+@pytest.mark.unit
+def test_train_api_offline_and_grpo_routes(tiny_gpt2, tmp_path):
+    import rlhfkit
+    from transformers import PreTrainedModel
+
+    prompts = [" ".join(random.Random(i).choice(WORDS) for _ in range(4)) for i in range(16)]
+    policy = rlhfkit.train(tiny_gpt2, reward_fn=lowercase_share, prompts=prompts, algorithm="grpo",
+                           config={"train.max_steps": 1, "train.progress": False, "train.output_dir": str(tmp_path / "g"),
+                                   "generation.max_new_tokens": 4, "train.save_model": False, "data.eval_fraction": 0.25})
+    assert isinstance(policy, PreTrainedModel)
+    assert (tmp_path / "g" / "prompts.jsonl").read_text().count("\n") == 16
+    with pytest.raises(rlhfkit.config.UserError, match="same length"):
+        rlhfkit.train(tiny_gpt2, samples=["a", "b"], rewards=[1.0])

@@ -374,7 +374,7 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
         header += [f"win rate vs {base}", "Elo", "Bradley-Terry"]
         cols.append(lambda n: [m["win_rate_vs_baseline"].get(n), m["elo"][n],
                                (m["bradley_terry"] or {}).get(n)])
-    rows = [[n, m["sources"][n]] + [v for c in cols for v in c(n)] for n in names]
+    rows = [[n, m["completions_from"][n]] + [v for c in cols for v in c(n)] for n in names]
     out.append(_table(header, rows))
     if "toxicity_change" in m:
         out.append("\nImprovement = (baseline - model) / baseline of the toxicity mean and std (positive: less toxic).\n")
@@ -450,7 +450,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 model, tok = ref_model, ref_tok
             else:
                 model, tok = load_entry(e.model, e.adapter_path, device)
-            length_tok = length_tok or tok
+            if length_tok is None:
+                length_tok = tok
         wrapped = [wrap_prompt(p, cfg.data, tok) for p in prompts] if tok is not None else None
         if e.from_file:
             completions[e.name] = file_completions[e.name]
@@ -475,7 +476,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     # ---- scores ----
     m: dict = {"command": "eval", "prompts": len(prompts), "models": names, "baseline": names[0], "judge": judge_name,
-               "sources": {e.name: ("file" if e.from_file else "generated") for e in cfg.models}}
+               "completions_from": {e.name: ("file" if e.from_file else "generated") for e in cfg.models}}
     judge: dict[str, list[float]] = {}
     tox: dict[str, list[float]] = {}
     parts_per_model: dict[str, dict[str, list[float]]] = {}

@@ -44,7 +44,7 @@ from rlhfkit.data import StepBatcher, Table, encode_prompt, load_splits, user_pr
 from rlhfkit.engine import Engine, process_info
 from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, load_policy, save_pretrained, unwrap
 from rlhfkit.rollout import generate, rollout, sample_max_new_tokens
-from rlhfkit.utils import logger
+from rlhfkit.utils import logger, seed_everything
 
 
 @dataclass
@@ -173,6 +173,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     ``model`` + ``tokenizer`` (replace ``cfg.model``). Returns the summary; the trained policy is
     in ``summary["policy"]`` when called from Python."""
     from rlhfkit.rewards import Composite, build_reward, validate_reward
+    seed_everything(cfg.train.seed)  # LoRA / value-head initialisation happens before the Engine seeds
 
     # ---- models -------------------------------------------------------------------------------
     if model is None:
