@@ -335,8 +335,6 @@ def test_judge_mode_with_the_policy_as_its_own_judge(tiny_llama, tmp_path):
 
 @pytest.mark.unit
 def test_shipped_prefs_examples_load():
-    import importlib.util
-
     from rlhfkit.config import load_config
     from rlhfkit.recipes import pipeline
 
@@ -348,9 +346,6 @@ def test_shipped_prefs_examples_load():
     assert [s.command for s in pipe.stages] == ["prefs", "sft", "dpo", "eval"]
     outputs = {}
     for stage in pipe.stages:
-        if stage.command == "dpo" and importlib.util.find_spec("rlhfkit.recipes.dpo") is None:
-            outputs[stage.name] = "runs/x/dpo"  # the DPO recipe lives on another branch until merged
-            continue
         scfg, _ = pipeline.stage_config(stage, pipe.output_dir, outputs, [])
         outputs[stage.name] = scfg.train.output_dir if hasattr(scfg, "train") else scfg.output_dir
     assert outputs["prefs"] == "runs/prefs_then_dpo/prefs"
@@ -367,7 +362,6 @@ def test_prefs_then_dpo_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
 
     import yaml
 
-    pytest.importorskip("rlhfkit.recipes.dpo")  # merged from the dpo branch
     root = Path(__file__).resolve().parents[1]
     cfg = yaml.safe_load((root / "examples/prefs_then_dpo.yaml").read_text())
     cfg["output_dir"] = str(tmp_path / "pipe")
