@@ -346,6 +346,8 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
     g = cfg.generation
     decoding = (f"do_sample={g.do_sample}, temperature={g.temperature}, top_k={g.top_k}, top_p={g.top_p}, "
                 f"max_new_tokens={g.max_new_tokens}, seed={cfg.seed}")
+    if "generated" not in m["completions_from"].values():
+        decoding = "none (every model's completions come from the file)"
     out = [f"# Evaluation: {' vs '.join(names)}\n",
            f"{m['prompts']} prompts from `{cfg.data.path}`. Decoding: {decoding}. Judge: `{m['judge']}`; "
            f"baseline: `{base}`.\n", "## Models\n"]

@@ -47,7 +47,7 @@ from rlhfkit.losses import pairwise_reward
 from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
                             pick_device, unwrap)
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
-from rlhfkit.utils import atomic_write_json, logger
+from rlhfkit.utils import atomic_write_json, logger, seed_everything
 
 LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -69,7 +69,8 @@ class Config:
     prefix, or chat-message ``chosen/rejected`` lists."""
     margin_column: Optional[str] = None
     """Column with a per-pair margin m (a number): the loss becomes -log s(r_c - r_r - m)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, batch_size=16, max_steps=300))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/reward", lr=5e-5, batch_size=16,
+                                                                       max_steps=300))
     """Optimizer, schedule, steps and output."""
     eval_batch_size: int = 32
     """Pairs per forward when measuring held-out accuracy and when computing reward statistics."""
@@ -285,6 +286,7 @@ def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config) -> Non
 def run(cfg: Config, resume: bool = False) -> dict:
     world, rank = process_info(cfg.train)
     head = resolve_head(cfg)
+    seed_everything(cfg.train.seed)  # the new head's initial weights
     net, tok = build_net(cfg, head, pick_device(cfg.train.cpu))
     append_eos = head == "value_head"
     train_table, held_table = load_splits(cfg.data)
