@@ -190,28 +190,10 @@ def load_entry(model_cfg: ModelConfig, adapter_path: Optional[str], device: torc
 
 def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed: int, progress: bool,
                      desc: str) -> tuple[list[str], list[list[int]]]:
-    """(texts, sampled token ids) per prompt: ``rlhfkit.rollout.generate`` (same batches, same seed,
-    same texts) that also keeps the ids, so KL is computed on the tokens actually sampled."""
-    import random
+    """(texts, sampled token ids) per prompt, so KL is computed on the tokens actually sampled."""
+    from rlhfkit.rollout import generate
 
-    from tqdm.auto import tqdm
-
-    from rlhfkit.rollout import generate_ids, sample_max_new_tokens
-
-    seq2seq = bool(model.config.is_encoder_decoder)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    ids = [encode_prompt(tok, p, seq2seq) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    responses: list[list[int]] = [[] for _ in ids]
-    bar = tqdm(total=len(ids), desc=desc, unit="prompt", dynamic_ncols=True, disable=not progress)
-    for s in range(0, len(order), gen.batch_size):
-        chunk = order[s: s + gen.batch_size]
-        for i, r in zip(chunk, generate_ids(model, tok, [ids[i] for i in chunk], gen, sample_max_new_tokens(gen, rng))):
-            responses[i] = r
-        bar.update(len(chunk))
-    bar.close()
-    return [tok.decode(r, skip_special_tokens=True).strip() for r in responses], responses
+    return generate(model, tok, prompts, gen, progress=progress, seed=seed, desc=desc, return_ids=True)
 
 
 @torch.no_grad()
