@@ -49,7 +49,7 @@ import torch
 from rlhfkit import losses
 from rlhfkit.config import ConfigError, DataConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig, UserError
 from rlhfkit.data import (DataStats, Example, StepBatcher, Table, collate, encode_completion, encode_prompt,
-                          fit_lengths, load_splits, preference_examples, sft_examples)
+                          fit_lengths, load_splits, parse_rows, preference_examples, sft_examples)
 from rlhfkit.engine import Engine, process_info, resolve_precision, total_steps_for
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
 from rlhfkit.recipes._preference import (default_cache_dir, model_inputs, policy_scores, precompute_reference,
@@ -139,22 +139,14 @@ def unpaired_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats
         stats.rows = len(out)
         return out
     strict = dataclasses.replace(cfg, drop_invalid=False)
-    out = []
-    for i, row in enumerate(table.rows):
-        try:
-            label = parse_label(table, i, cfg)
-            one = Table([row], table.source, [table.row_numbers[i] if table.row_numbers else i + 1])
-            ((prompt, completion),) = sft_examples(one, strict, tokenizer, DataStats())
-            out.append((prompt, completion, label))
-        except UserError as e:
-            if not cfg.drop_invalid:
-                raise
-            stats.dropped_invalid += 1
-            logger.warning(f"dropped: {e}")
-    if stats.dropped_invalid:
-        logger.warning(f"{table.source}: dropped {stats.dropped_invalid} invalid rows")
-    stats.rows = len(out)
-    return out
+
+    def parse(i: int, row: dict) -> tuple[str, str, bool]:
+        label = parse_label(table, i, cfg)
+        one = Table([row], table.source, [table.row_numbers[i] if table.row_numbers else i + 1])
+        ((prompt, completion),) = sft_examples(one, strict, tokenizer, DataStats())
+        return prompt, completion, label
+
+    return parse_rows(table, cfg, stats, parse)
 
 
 def tokenize_rows(rows: list[tuple[str, str, bool]], tokenizer, cfg: DataConfig, max_length: int, seq2seq: bool,
