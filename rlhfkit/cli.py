@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "rloo": ("rlhfkit.recipes.grpo", ["algorithm=rloo"]),
     "ilql": ("rlhfkit.recipes.ilql", []),
     "prefs": ("rlhfkit.recipes.prefs", []),
+    "judge": ("rlhfkit.recipes.judge", []),
+    "constitutional": ("rlhfkit.recipes.constitutional", []),
+    "redteam": ("rlhfkit.recipes.redteam", []),
     "eval": ("rlhfkit.recipes.evaluate", []),
     "run": ("rlhfkit.recipes.pipeline", []),
     "demo": ("rlhfkit.recipes.demo", []),
@@ -80,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    from rlhfkit.utils import setup_logging
+
+    setup_logging()
     try:
         if command not in COMMANDS:
             import difflib

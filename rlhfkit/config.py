@@ -135,6 +135,9 @@ class DataConfig:
     drop_invalid: bool = False
     """Drop rows that fail the schema check (missing or empty field, chosen == rejected) with a
     counted warning, instead of stopping with an error."""
+    where: dict[str, str] = field(default_factory=dict)
+    """Keep only rows whose columns equal these values, e.g. ``{split: test}`` (applied to every
+    table read, before the held-out split)."""
     max_rows: Optional[int] = None
     """Use only the first N rows (after the split), for quick runs."""
     shuffle_seed: int = 0
@@ -254,6 +257,7 @@ class GenerationConfig:
 
     def validate(self) -> None:
         _check_positive("generation.max_new_tokens", self.max_new_tokens)
+        _check_positive("generation.batch_size", self.batch_size)
         _check_choice("generation.backend", self.backend, ["hf", "vllm"])
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(
@@ -362,7 +366,7 @@ def load_config(cls: type, path: Optional[str | os.PathLike] = None, overrides: 
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
+        set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
     cfg = from_dict(cls, raw, source=source)
     validate(cfg)
     return cfg
@@ -496,7 +500,7 @@ def _parse_override(cls: type, key: str, text: str) -> Any:
         raise ConfigError(f"override '{key}': cannot parse value {text!r} ({getattr(e, 'problem', e)})") from None
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:

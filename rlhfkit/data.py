@@ -22,7 +22,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -171,11 +171,11 @@ def _read_hub(name: str, split: str, subset: Optional[str]) -> Table:
 
 def load_splits(cfg: DataConfig) -> tuple[Table, Optional[Table]]:
     """Train and held-out tables per the config (eval_path, eval_split, or a seeded fraction)."""
-    train = read_table(cfg.path, cfg.split, cfg.subset)
+    train = select(read_table(cfg.path, cfg.split, cfg.subset), cfg.where)
     if cfg.eval_path:
-        held = read_table(cfg.eval_path, cfg.eval_split or cfg.split, cfg.subset)
+        held = select(read_table(cfg.eval_path, cfg.eval_split or cfg.split, cfg.subset), cfg.where)
     elif cfg.eval_split:
-        held = read_table(cfg.path, cfg.eval_split, cfg.subset)
+        held = select(read_table(cfg.path, cfg.eval_split, cfg.subset), cfg.where)
     elif cfg.eval_fraction > 0 and len(train.rows) > 1:
         order = list(range(len(train.rows)))
         random.Random(cfg.shuffle_seed).shuffle(order)
@@ -187,6 +187,19 @@ def load_splits(cfg: DataConfig) -> tuple[Table, Optional[Table]]:
     if cfg.max_rows is not None:
         train = _subset(train, list(range(min(cfg.max_rows, len(train.rows)))))
     return train, held
+
+
+def select(t: Table, where: dict[str, str]) -> Table:
+    """Rows whose columns equal ``where``'s values (compared as text); an unknown column is an error."""
+    if not where:
+        return t
+    for col in where:
+        if t.rows and col not in t.rows[0]:
+            raise UserError(f"{t.where(0)}: data.where names column '{col}', which the data does not have")
+    keep = [i for i, r in enumerate(t.rows) if all(str(r.get(c)) == str(v) for c, v in where.items())]
+    if not keep:
+        raise UserError(f"{t.source}: no row matches data.where {where}")
+    return _subset(t, keep)
 
 
 def _subset(t: Table, idx: list[int]) -> Table:
@@ -257,6 +270,13 @@ def wrap_prompt(user: str, cfg: DataConfig, tokenizer) -> str:
     return render_messages(messages, tokenizer)
 
 
+def messages_prompt(messages: list[dict], tokenizer, cfg: DataConfig) -> str:
+    """The prompt before an assistant turn: the chat template, or ``role: content`` lines without one."""
+    if use_chat_template(tokenizer, cfg):
+        return render_messages(messages, tokenizer)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+
 def check_messages(table: Table, i: int, name: str, cfg: DataConfig) -> list[dict]:
     col = cfg.columns.get(name, name)
     msgs = table.rows[i].get(col)
@@ -292,29 +312,37 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def sft_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> list[tuple[str, str]]:
-    """(prompt, completion) text pairs: template/prompt + completion columns, or chat messages."""
+def parse_rows(table: Table, cfg: DataConfig, stats: DataStats, parse: Callable[[int, dict], Any]) -> list:
+    """``parse(i, row)`` for every row. A row whose parse raises UserError stops the run, or with
+    ``data.drop_invalid`` is dropped and counted; ``None`` results are skipped (counted by parse)."""
     out = []
-    chat_col = cfg.columns.get("messages", "messages")
     for i, row in enumerate(table.rows):
         try:
-            if chat_col in row and cfg.prompt_template is None and cfg.columns.get("prompt", "prompt") not in row:
-                msgs = check_messages(table, i, "messages", cfg)
-                if use_chat_template(tokenizer, cfg):
-                    prompt = render_messages(msgs[:-1], tokenizer)
-                else:
-                    prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs[:-1]) + "\nassistant:"
-                out.append((prompt, msgs[-1]["content"]))
-            else:
-                out.append((build_prompt(table, i, cfg, tokenizer), require_text(table, i, "completion", cfg)))
+            item = parse(i, row)
         except UserError as e:
             if not cfg.drop_invalid:
                 raise
             stats.dropped_invalid += 1
             logger.warning(f"dropped: {e}")
+            continue
+        if item is not None:
+            out.append(item)
     stats.rows = len(out)
     _log_drops(stats, table.source)
     return out
+
+
+def sft_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> list[tuple[str, str]]:
+    """(prompt, completion) text pairs: template/prompt + completion columns, or chat messages."""
+    chat_col = cfg.columns.get("messages", "messages")
+
+    def parse(i: int, row: dict) -> tuple[str, str]:
+        if chat_col in row and cfg.prompt_template is None and cfg.columns.get("prompt", "prompt") not in row:
+            msgs = check_messages(table, i, "messages", cfg)
+            return messages_prompt(msgs[:-1], tokenizer, cfg), msgs[-1]["content"]
+        return build_prompt(table, i, cfg, tokenizer), require_text(table, i, "completion", cfg)
+
+    return parse_rows(table, cfg, stats, parse)
 
 
 def preference_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> list[tuple[str, str, str]]:
@@ -323,59 +351,40 @@ def preference_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataSta
     Rows where chosen == rejected carry no preference: an error, or with ``drop_invalid`` a
     counted drop.
     """
-    out = []
     c_col, r_col = cfg.columns.get("chosen", "chosen"), cfg.columns.get("rejected", "rejected")
     p_col = cfg.columns.get("prompt", "prompt")
-    for i, row in enumerate(table.rows):
-        try:
-            if isinstance(row.get(c_col), list):
-                c_msgs = check_messages(table, i, "chosen", cfg)
-                r_msgs = check_messages(table, i, "rejected", cfg)
-                if c_msgs[:-1] != r_msgs[:-1]:
-                    raise UserError(f"{table.where(i)}: chosen and rejected conversations differ before the last turn")
-                prompt = render_messages(c_msgs[:-1], tokenizer) if use_chat_template(tokenizer, cfg) else (
-                    "\n".join(f"{m['role']}: {m['content']}" for m in c_msgs[:-1]) + "\nassistant:")
-                chosen, rejected = c_msgs[-1]["content"], r_msgs[-1]["content"]
-            elif p_col in row or cfg.prompt_template is not None:
-                prompt = build_prompt(table, i, cfg, tokenizer)
-                chosen = require_text(table, i, "chosen", cfg)
-                rejected = require_text(table, i, "rejected", cfg)
-            else:
-                full_c = require_text(table, i, "chosen", cfg)
-                full_r = require_text(table, i, "rejected", cfg)
-                prompt, chosen, rejected = split_shared_prefix(full_c, full_r)
-                if not chosen.strip() or not rejected.strip():
-                    raise UserError(f"{table.where(i)}: chosen and rejected share everything but an empty tail")
-            if chosen == rejected:
-                if cfg.drop_invalid:
-                    stats.dropped_identical += 1
-                    continue
-                raise UserError(f"{table.where(i)}: column '{c_col}' equals column '{r_col}' (no preference)")
-            out.append((prompt, chosen, rejected))
-        except UserError as e:
-            if not cfg.drop_invalid:
-                raise
-            stats.dropped_invalid += 1
-            logger.warning(f"dropped: {e}")
-    stats.rows = len(out)
-    _log_drops(stats, table.source)
-    return out
+
+    def parse(i: int, row: dict) -> Optional[tuple[str, str, str]]:
+        if isinstance(row.get(c_col), list):
+            c_msgs = check_messages(table, i, "chosen", cfg)
+            r_msgs = check_messages(table, i, "rejected", cfg)
+            if c_msgs[:-1] != r_msgs[:-1]:
+                raise UserError(f"{table.where(i)}: chosen and rejected conversations differ before the last turn")
+            prompt = messages_prompt(c_msgs[:-1], tokenizer, cfg)
+            chosen, rejected = c_msgs[-1]["content"], r_msgs[-1]["content"]
+        elif p_col in row or cfg.prompt_template is not None:
+            prompt = build_prompt(table, i, cfg, tokenizer)
+            chosen = require_text(table, i, "chosen", cfg)
+            rejected = require_text(table, i, "rejected", cfg)
+        else:
+            full_c = require_text(table, i, "chosen", cfg)
+            full_r = require_text(table, i, "rejected", cfg)
+            prompt, chosen, rejected = split_shared_prefix(full_c, full_r)
+            if not chosen.strip() or not rejected.strip():
+                raise UserError(f"{table.where(i)}: chosen and rejected share everything but an empty tail")
+        if chosen == rejected:
+            if cfg.drop_invalid:
+                stats.dropped_identical += 1
+                return None
+            raise UserError(f"{table.where(i)}: column '{c_col}' equals column '{r_col}' (no preference)")
+        return prompt, chosen, rejected
+
+    return parse_rows(table, cfg, stats, parse)
 
 
 def prompt_examples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> list[tuple[str, dict]]:
     """(prompt, row) pairs for online recipes; the row's other columns go to reward functions."""
-    out = []
-    for i, row in enumerate(table.rows):
-        try:
-            out.append((build_prompt(table, i, cfg, tokenizer), row))
-        except UserError as e:
-            if not cfg.drop_invalid:
-                raise
-            stats.dropped_invalid += 1
-            logger.warning(f"dropped: {e}")
-    stats.rows = len(out)
-    _log_drops(stats, table.source)
-    return out
+    return parse_rows(table, cfg, stats, lambda i, row: (build_prompt(table, i, cfg, tokenizer), row))
 
 
 def _log_drops(stats: DataStats, source: str) -> None:

@@ -146,6 +146,15 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_name: str = "default"
     return get_peft_model(model, pcfg, adapter_name=adapter_name)
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0. Online RL needs it: the log-probs of the sampling pass
+    and of the update pass must come from the same function, or the PPO ratio is noise at step 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model under accelerate/DDP, our wrappers and peft."""
     while True:
@@ -174,7 +183,10 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, mer
             save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
                       str(out / "value_head.safetensors"))
         model = model.lm
-    model.save_pretrained(out, safe_serialization=True)
+    if is_peft(model):  # only the trained adapter, not a frozen reference adapter loaded beside it
+        model.save_pretrained(out, safe_serialization=True, selected_adapters=[model.active_adapter])
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if merge and is_peft(model):

@@ -74,8 +74,11 @@ def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: 
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationConfig, progress: bool = False,
-             seed: Optional[int] = None, desc: str = "generate") -> list[str]:
-    """Completions (text, special tokens removed) for ``prompts``, ``gen.batch_size`` at a time."""
+             seed: Optional[int] = None, desc: str = "generate", return_ids: bool = False):
+    """Completions (text, special tokens removed) for ``prompts``, ``gen.batch_size`` at a time.
+
+    With ``return_ids`` also the sampled token ids of each completion (cut after EOS): what a
+    log-prob computation must score, since decoding and re-encoding can change the tokens."""
     from rlhfkit.data import encode_prompt
 
     hf = unwrap(_lm(model))
@@ -85,7 +88,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationCon
     rng = random.Random(seed)
     ids = [encode_prompt(tokenizer, p, seq2seq) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
-    out: list[Optional[str]] = [None] * len(ids)
+    responses: list[list[int]] = [[] for _ in ids]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -93,14 +96,15 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationCon
         bar = tqdm(total=len(ids), desc=desc, unit="prompt", dynamic_ncols=True)
     for s in range(0, len(order), gen.batch_size):
         chunk = order[s: s + gen.batch_size]
-        resp = generate_ids(model, tokenizer, [ids[i] for i in chunk], gen, sample_max_new_tokens(gen, rng))
-        for i, r in zip(chunk, resp):
-            out[i] = tokenizer.decode(r, skip_special_tokens=True).strip()
+        for i, r in zip(chunk, generate_ids(model, tokenizer, [ids[i] for i in chunk], gen,
+                                            sample_max_new_tokens(gen, rng))):
+            responses[i] = r
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    return [o or "" for o in out]
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    return (texts, responses) if return_ids else texts
 
 
 @dataclass
@@ -141,8 +145,12 @@ class Experience:
 
 def rollout(model: nn.Module, tokenizer, prompts: list[str], prompt_ids: list[list[int]], gen: GenerationConfig,
             max_new_tokens: Optional[int] = None) -> Experience:
-    """Sample one response per prompt (repeat prompts for groups) and build the training batch."""
-    responses = generate_ids(model, tokenizer, prompt_ids, gen, max_new_tokens)
+    """Sample one response per prompt (repeat prompts for groups) and build the training batch.
+
+    Prompts go to ``generate`` ``gen.batch_size`` at a time; the batch is collated once."""
+    responses = []
+    for s in range(0, len(prompt_ids), gen.batch_size):
+        responses += generate_ids(model, tokenizer, prompt_ids[s: s + gen.batch_size], gen, max_new_tokens)
     eos = tokenizer.eos_token_id
     responses = [r if r else [eos] for r in responses]
     seq2seq = bool(getattr(unwrap(_lm(model)).config, "is_encoder_decoder", False))

@@ -338,7 +338,7 @@ def test_bad_input_names_file_row_and_field(tmp_path):
     with pytest.raises(UserError, match=r"row 1: field 'g' must be a, b, tie"):
         load_pairs(make_cfg(tmp_path, f"path={path}", "columns.gold=g"))
     path.write_text('{"prompt": "p"\n')
-    with pytest.raises(UserError, match=r"bad.jsonl: line 1: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad.jsonl: row 1: malformed JSON"):
         load_pairs(make_cfg(tmp_path, f"path={path}"))
 
 
@@ -384,3 +384,21 @@ def test_killed_server_loses_no_judgement(tmp_path):
         proc.wait(timeout=30)
     rows = LabelStore(str(db)).judgement_rows()
     assert [(r["pair_id"], r["pressed"]) for r in rows] == [(first, "A"), (second, "tie")]
+
+
+def test_models_source_with_real_tiny_models(tmp_path, tiny_gpt2):
+    """The same path without stubs: a real tiny GPT-2 sampled through rlhfkit.rollout.generate."""
+    from rlhfkit.config import GenerationConfig, ModelConfig
+    from rlhfkit.models import load_policy
+    from rlhfkit.rollout import generate
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"the cat {i}"} for i in range(2)])
+    cfg = make_cfg(tmp_path, "source=models", f"path={prompts}", f"model.name_or_path={tiny_gpt2}",
+                   "generation.batch_size=2", "generation.max_new_tokens=5", "generation.do_sample=false")
+    app = build_app(cfg)
+    first = app._next_for("ann")
+    p = app.store.get_pair(first["pair"]["id"])
+    model, tok = load_policy(ModelConfig(name_or_path=tiny_gpt2))
+    expected = generate(model, tok, ["the cat 0"], GenerationConfig(max_new_tokens=5, do_sample=False))[0]
+    # greedy: side A is exactly what the rollout layer produces for the prompt
+    assert p["prompt"] == "the cat 0" and p["completion_a"] == expected

@@ -17,7 +17,6 @@ that ``rlhfkit reward`` and ``rlhfkit dpo`` read; ``docs/label.md`` describes po
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
@@ -142,40 +141,11 @@ class LabelConfig:
 
 
 def read_rows(path: str | Path, limit: Optional[int] = None) -> list[dict]:
-    """Rows of a .jsonl / .json (a list of objects) / .csv file; errors name file and row."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: file not found")
-    suffix = p.suffix.lower()
-    rows: list[dict] = []
-    if suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}: line {i}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{p}: line {i}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-                if limit and len(rows) >= limit:
-                    break
-    elif suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise UserError(f"{p}: expected a JSON list of objects")
-        rows = data[:limit] if limit else data
-    elif suffix == ".csv":
-        with open(p, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))[:limit] if limit else list(csv.DictReader(f))
-    else:
-        raise UserError(f"{p}: unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
-    return rows
+    """Rows of any file the data layer reads (jsonl / json / csv / parquet / datasets folder)."""
+    from rlhfkit.data import read_table
+
+    rows = read_table(str(path)).rows
+    return rows[:limit] if limit else rows
 
 
 def _columns(cfg: LabelConfig, first: dict) -> dict[str, Optional[str]]:

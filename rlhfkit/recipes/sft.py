@@ -20,7 +20,7 @@ from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, Use
 from rlhfkit.data import DataStats, StepBatcher, collate, collate_packed, load_splits, pack, sft_examples, tokenize_pairs
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, load_policy, save_pretrained
-from rlhfkit.utils import logger
+from rlhfkit.utils import logger, seed_everything
 
 
 @dataclass
@@ -71,6 +71,7 @@ def heldout_loss(policy: PolicyModel, examples, pad_id: int, seq2seq: bool, batc
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
+    seed_everything(cfg.train.seed)  # LoRA / value-head initialisation happens before the Engine seeds
     model, tok = load_policy(cfg.model, cfg.lora)
     seq2seq = bool(model.config.is_encoder_decoder)
     if cfg.packing and seq2seq:

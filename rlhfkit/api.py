@@ -1,0 +1,106 @@
+"""``rlhfkit.train``: the one-call Python API (trlX's ``train(model, reward_fn=...)``, kept alive).
+
+Online (PPO, or GRPO/RLOO with ``algorithm=``)::
+
+    import rlhfkit
+    policy = rlhfkit.train("asset:smollm2", reward_fn=my_reward, prompts=["Tell me about cats."] * 64,
+                           config={"lora.enabled": True, "train.max_steps": 20})
+
+Offline (ILQL) from scored samples::
+
+    policy = rlhfkit.train("gpt2", samples=[("prompt", "output"), ...], rewards=[1.0, ...])
+
+``config`` is a recipe Config object, a YAML path, or a dict of dotted overrides
+(``{"train.lr": 1e-5}``); keyword ``overrides`` are dotted keys with ``__`` for ``.``
+(``train__lr=1e-5``). The trained policy (a transformers / peft model) is returned.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional, Sequence
+
+from rlhfkit.config import UserError, from_dict, load_config, to_dict, validate
+
+ONLINE = {"ppo": "rlhfkit.recipes.ppo", "grpo": "rlhfkit.recipes.grpo", "rloo": "rlhfkit.recipes.grpo"}
+
+
+def make_config(cls: type, config: Any = None, **overrides: Any):
+    """A validated ``cls`` from a Config object, a YAML path or a dict of (dotted) keys, plus overrides."""
+    if isinstance(config, cls):
+        base = to_dict(config)
+    elif isinstance(config, str):
+        base = to_dict(load_config(cls, config))
+    elif config is None or isinstance(config, dict):
+        base = to_dict(cls())
+        for key, value in (config or {}).items():
+            _set(base, key, value)
+    else:
+        raise UserError(f"config must be a {cls.__name__}, a YAML path or a dict, got {type(config).__name__}")
+    for key, value in overrides.items():
+        _set(base, key.replace("__", "."), value)
+    cfg = from_dict(cls, base, source="train()")
+    validate(cfg)
+    return cfg
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def train(model: Any, reward_fn: Optional[Callable] = None, prompts: Optional[Sequence[str]] = None,
+          samples: Optional[Sequence] = None, rewards: Optional[Sequence[float]] = None, config: Any = None,
+          tokenizer: Any = None, algorithm: str = "ppo", **overrides: Any):
+    """Train ``model`` online with ``reward_fn`` on ``prompts``, or offline (ILQL) on scored ``samples``.
+
+    ``model``: hub name, local folder, ``asset:...`` name, or a loaded transformers model (then
+    pass ``tokenizer``). Returns the trained policy.
+    """
+    if samples is not None or rewards is not None:
+        if reward_fn is not None:
+            raise UserError("train(): give reward_fn (online) or samples + rewards (offline), not both")
+        if samples is None or rewards is None or len(samples) != len(rewards):
+            raise UserError("train(): offline training needs samples and rewards of the same length")
+        from rlhfkit.recipes import ilql
+
+        return ilql.train_offline(model, samples, rewards, config=config, tokenizer=tokenizer, **overrides)
+    if reward_fn is None:
+        raise UserError("train(): pass reward_fn=... (online) or samples=..., rewards=... (offline)")
+    if algorithm not in ONLINE:
+        raise UserError(f"train(): algorithm must be one of {', '.join(ONLINE)}, got '{algorithm}'")
+    recipe = importlib.import_module(ONLINE[algorithm])
+    if algorithm == "rloo":
+        overrides.setdefault("algorithm", "rloo")
+    model_obj = None
+    if isinstance(model, str):
+        overrides["model.name_or_path"] = model
+    else:
+        model_obj = model
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    cfg = make_config(recipe.Config, config, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    if prompts is None and not cfg.data.path:
+        raise UserError("train(): pass prompts=[...] or set data.path in the config")
+    if algorithm == "ppo":
+        summary = recipe.run(cfg, reward_fn=reward_fn, prompts=list(prompts) if prompts is not None else None,
+                             model=model_obj, tokenizer=tokenizer)
+        return summary["policy"]
+    # GRPO/RLOO read prompts from data.path: write the list next to the run's output
+    if model_obj is not None:
+        raise UserError(f"train(algorithm='{algorithm}') takes a model name or path, not a model object")
+    if prompts is not None:
+        from pathlib import Path
+
+        from rlhfkit.utils import atomic_write_jsonl
+
+        path = Path(cfg.train.output_dir) / "prompts.jsonl"
+        atomic_write_jsonl(path, [{"prompt": p} for p in prompts])
+        cfg.data.path, cfg.data.prompt_template = str(path), None
+    return recipe.run(cfg, reward_fn=reward_fn)["policy"]
+
+
+__all__ = ["train", "make_config"]

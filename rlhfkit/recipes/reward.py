@@ -1,0 +1,344 @@
+"""Pairwise reward-model training (Bradley-Terry), as in Stiennon et al. 2020 and Ouyang et al. 2022.
+
+The model maps a text to a scalar r(x, y); on preference pairs it minimises
+``-log s(r(x, y_c) - r(x, y_r) - margin)`` (``rlhfkit.losses.pairwise_reward``; the optional
+per-row margin is Llama 2's preference-strength margin, Touvron et al. 2023). Chosen and rejected
+texts of a micro-batch go through one concatenated forward (rows 0..B-1 chosen, B..2B-1 rejected).
+
+Text scored: ``rlhfkit.rewards.join_prompt_completion(prompt, completion)``, the same join the
+``reward_model`` reward uses at scoring time, tokenized by ``rlhfkit.rewards.reward_input_ids``
+(cut from the left so the completion is kept), so training and use see the same ids.
+
+Two heads (``head``):
+- ``classifier``: an encoder (BERT-style, e.g. ``asset:minilm``) with a fresh one-logit
+  ``AutoModelForSequenceClassification`` head. BERT has no EOS; its tokenizer ends every text
+  with ``[SEP]``. Saved as a plain HF classifier folder.
+- ``value_head``: a causal or seq2seq LM with ``rlhfkit.models.ValueHead`` read at the last real
+  token (an appended EOS; seq2seq: the first decoder state), see
+  ``rlhfkit.rewards.last_token_rewards``. Saved as the LM folder + ``value_head.safetensors`` +
+  ``rlhfkit_reward.json`` ``{"kind": "lm_value_head", "model_type": "causal"|"seq2seq", ...}``.
+
+Either folder loads with ``rlhfkit.rewards.RewardModel(path)`` and holds ``reward_stats.json``
+``{"mean", "std"}``: the mean and (population) standard deviation of the trained model's rewards
+over every chosen and rejected text of the training set, so scores can be normalised.
+
+Deliberate deviations: with LoRA the saved model is the merged one (a reward model is consumed
+as a whole scorer), the adapter goes to ``<output_dir>/adapter``; the tokenizer is saved with
+``model_max_length = model.max_length`` so scoring truncates exactly as training did. The
+summary's ``samples`` counts scored texts (two per pair); ``pairs`` counts pairs.
+
+Held-out accuracy (fraction of pairs with r_c > r_r) and mean margin r_c - r_r are measured before
+training, every ``train.eval_every`` steps, and at the end.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, UserError
+from rlhfkit.data import DataStats, StepBatcher, Table, load_splits, preference_examples
+from rlhfkit.engine import Engine, process_info, total_steps_for
+from rlhfkit.losses import pairwise_reward
+from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
+                            pick_device, unwrap)
+from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
+from rlhfkit.utils import atomic_write_json, logger, seed_everything
+
+LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="asset:minilm", max_length=256))
+    """The backbone: an encoder (``asset:minilm``) or a causal / seq2seq language model."""
+    head: str = "auto"
+    """``classifier`` (AutoModelForSequenceClassification, num_labels=1), ``value_head`` (a language
+    model with a value head read at the last real token), or ``auto``: ``value_head`` when the
+    checkpoint is a language model (its architecture ends in ForCausalLM, LMHeadModel or
+    ForConditionalGeneration), else ``classifier``."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (off: full fine-tune). The new head is always trained in full."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(
+        columns={"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}))
+    """Preference rows: ``prompt/chosen/rejected``, ``chosen/rejected`` dialogues with a shared
+    prefix, or chat-message ``chosen/rejected`` lists."""
+    margin_column: Optional[str] = None
+    """Column with a per-pair margin m (a number): the loss becomes -log s(r_c - r_r - m)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/reward", lr=5e-5, batch_size=16,
+                                                                       max_steps=300))
+    """Optimizer, schedule, steps and output."""
+    eval_batch_size: int = 32
+    """Pairs per forward when measuring held-out accuracy and when computing reward statistics."""
+    eval_max_rows: Optional[int] = None
+    """Measure held-out accuracy on at most this many pairs."""
+
+    def validate(self) -> None:
+        if self.head not in ("auto", "classifier", "value_head"):
+            raise UserError(f"head must be one of ['auto', 'classifier', 'value_head'], got '{self.head}'")
+        if self.eval_batch_size <= 0:
+            raise UserError(f"eval_batch_size must be > 0, got {self.eval_batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scorer: backbone + scalar head, r(x, y) for a batch of right-padded texts
+# ---------------------------------------------------------------------------------------------
+
+
+class RewardNet(nn.Module):
+    """``forward(input_ids, attention_mask) -> (B,)`` rewards, for either head."""
+
+    def __init__(self, backbone: nn.Module, head: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.value_head = None
+        if head == "value_head":
+            self.value_head = ValueHead(hidden_size(unwrap(backbone).config))
+            self.value_head.to(next(backbone.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> torch.Tensor:
+        if self.value_head is None:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # (B,)
+        return last_token_rewards(self.backbone, self.value_head, input_ids, attention_mask)  # (B,)
+
+
+def resolve_head(cfg: Config) -> str:
+    if cfg.head != "auto":
+        return cfg.head
+    archs = getattr(load_hf_config(cfg.model.name_or_path, cfg.model), "architectures", None) or []
+    return "value_head" if any(a.endswith(LM_ARCHITECTURES) for a in archs) else "classifier"
+
+
+def build_net(cfg: Config, head: str, device: torch.device) -> tuple[RewardNet, object]:
+    tok = load_tokenizer(cfg.model)
+    # saved with the model: the scorer then truncates exactly where training did
+    tok.model_max_length = min(tok.model_max_length, cfg.model.max_length)
+    if head == "classifier":
+        backbone = load_model(cfg.model, device, task="classifier", num_labels=1)
+        if backbone.config.pad_token_id is None:
+            backbone.config.pad_token_id = tok.pad_token_id
+        if cfg.lora.enabled:
+            backbone = _classifier_lora(backbone, cfg.lora)
+    else:
+        backbone = load_model(cfg.model, device)
+        if cfg.lora.enabled:
+            backbone = apply_lora(backbone, cfg.lora)
+    return RewardNet(backbone, head), tok
+
+
+def _classifier_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """peft LoRA for sequence classification (its SEQ_CLS task trains the new head in full)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, TaskType, get_peft_model
+
+    if lora.adapter_path:
+        return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
+    pcfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora_targets(model, lora))
+    return get_peft_model(model, pcfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: (chosen ids, rejected ids, margin) per pair
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def pair_texts(table: Table, cfg: Config, tok, stats: DataStats) -> list[tuple[str, str, float]]:
+    """(joined chosen text, joined rejected text, margin) of every valid row, in row order."""
+    out = []
+    nums = table.row_numbers or list(range(1, len(table.rows) + 1))
+    for i, row in enumerate(table.rows):
+        one = DataStats()
+        triples = preference_examples(Table([row], table.source, [nums[i]]), cfg.data, tok, one)
+        stats.dropped_invalid += one.dropped_invalid
+        stats.dropped_identical += one.dropped_identical
+        if not triples:
+            continue
+        prompt, chosen, rejected = triples[0]
+        margin = 0.0
+        if cfg.margin_column is not None:
+            if cfg.margin_column not in row:
+                raise UserError(f"{table.where(i)}: missing column '{cfg.margin_column}' (margin_column)")
+            value = row[cfg.margin_column]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"{table.where(i)}: column '{cfg.margin_column}' must be a finite number, got {value!r}")
+            margin = float(value)
+        out.append((join_prompt_completion(prompt, chosen), join_prompt_completion(prompt, rejected), margin))
+    stats.rows = len(out)
+    return out
+
+
+def tokenize(texts: list[tuple[str, str, float]], tok, cfg: Config, append_eos: bool, stats: DataStats) -> list[Pair]:
+    """Token ids per pair; the over-long policy applies when either text exceeds ``model.max_length``."""
+    out = []
+    for chosen, rejected, margin in texts:
+        c, cut_c = reward_input_ids(tok, chosen, cfg.model.max_length, append_eos)
+        r, cut_r = reward_input_ids(tok, rejected, cfg.model.max_length, append_eos)
+        if cut_c or cut_r:
+            if cfg.data.overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated += 1
+        out.append(Pair(c, r, margin))
+    if stats.truncated or stats.dropped_overlong:
+        logger.info(f"over-long pairs: {stats.truncated} cut from the left, {stats.dropped_overlong} dropped (data.overlong)")
+    return out
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int, with_margin: bool) -> dict[str, torch.Tensor]:
+    """One concatenated batch: rows 0..B-1 chosen, B..2B-1 rejected; ``margin`` (B,) when used."""
+    ids, att = pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)  # (2B, T)
+    batch = {"input_ids": ids, "attention_mask": att}
+    if with_margin:
+        batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, held-out accuracy, reward statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def reward_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    r = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    B = r.shape[0] // 2
+    return pairwise_reward(r[:B], r[B:], batch.get("margin"))
+
+
+@torch.no_grad()
+def score_pairs(net: RewardNet, pairs: list[Pair], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (N,), in eval mode."""
+    was = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    rc, rr = [], []
+    for s in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[s: s + batch_size], pad_id, False)
+        r = net(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()  # (2b,)
+        rc.append(r[: len(r) // 2])
+        rr.append(r[len(r) // 2:])
+    net.train(was)
+    return torch.cat(rc), torch.cat(rr)
+
+
+def heldout_metrics(net: RewardNet, pairs: list[Pair], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Held-out loss, accuracy (r_c > r_r) and mean margin r_c - r_r."""
+    rc, rr = score_pairs(net, pairs, pad_id, batch_size)
+    margin = torch.tensor([p.margin for p in pairs]) if any(p.margin for p in pairs) else None
+    _, m = pairwise_reward(rc, rr, margin)
+    return {"eval/loss": m["loss"], "eval/accuracy": m["rewards/accuracies"], "eval/margin": m["rewards/margins"]}
+
+
+def reward_stats(net: RewardNet, pairs: list[Pair], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Mean and population std of the rewards of every chosen and rejected training text."""
+    rc, rr = score_pairs(net, pairs, pad_id, batch_size)
+    r = torch.cat([rc, rr]).double()
+    return {"mean": float(r.mean()), "std": float(r.std(unbiased=False))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Save: a folder rlhfkit.rewards.RewardModel loads
+# ---------------------------------------------------------------------------------------------
+
+
+def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    backbone = net.backbone
+    if hasattr(backbone, "peft_config"):
+        backbone.save_pretrained(out / "adapter", safe_serialization=True)
+        backbone = copy.deepcopy(backbone).merge_and_unload()
+    backbone.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    spec = {"kind": "classifier", "max_length": cfg.model.max_length}
+    if net.value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.value_head.state_dict().items()},
+                  str(out / "value_head.safetensors"))
+        spec = {"kind": "lm_value_head", "model_type": "seq2seq" if backbone.config.is_encoder_decoder else "causal",
+                "hf_model_type": backbone.config.model_type, "max_length": cfg.model.max_length}
+    atomic_write_json(out / REWARD_SPEC, spec)
+    atomic_write_json(out / "reward_stats.json", stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    world, rank = process_info(cfg.train)
+    head = resolve_head(cfg)
+    seed_everything(cfg.train.seed)  # the new head's initial weights
+    net, tok = build_net(cfg, head, pick_device(cfg.train.cpu))
+    append_eos = head == "value_head"
+    train_table, held_table = load_splits(cfg.data)
+    stats = DataStats()
+    train = tokenize(pair_texts(train_table, cfg, tok, stats), tok, cfg, append_eos, stats)
+    held_stats = DataStats()
+    held = tokenize(pair_texts(held_table, cfg, tok, held_stats), tok, cfg, append_eos, held_stats) if held_table else []
+    if cfg.eval_max_rows is not None:
+        held = held[: cfg.eval_max_rows]
+    logger.info(f"reward: {head} head on {cfg.model.name_or_path}; {len(train)} training pairs, {len(held)} held-out pairs")
+
+    with_margin = cfg.margin_column is not None
+    batcher = StepBatcher([len(p) for p in train], cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
+                          cfg.train.group_by_length, world, rank)
+    engine = Engine(cfg.train, "reward", cfg, net, total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume)
+    engine.extra_summary["data"] = stats.as_dict()
+    engine.extra_summary["head"] = head
+
+    def evaluate() -> Optional[dict]:
+        if not held:
+            return None
+        m = heldout_metrics(engine.unwrapped(), held, tok.pad_token_id, cfg.eval_batch_size)
+        engine.log(m)
+        return m
+
+    start = engine.state.get("eval_start")
+    if start is None:
+        start = evaluate()
+        engine.state["eval_start"] = start
+    while not engine.done:
+        micro = [collate_pairs([train[i] for i in idx], tok.pad_token_id, with_margin) for idx in batcher.step(engine.step_count)]
+        metrics = engine.step(reward_loss, micro, [float(len(mb["input_ids"]) // 2) for mb in micro])
+        engine.end_step(metrics)
+        if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
+            evaluate()
+    end = evaluate()
+    stats_rm = reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval_batch_size)
+    extra: dict = {"pairs": engine.samples * engine.world_size // 2, "reward_mean": stats_rm["mean"],
+                   "reward_std": stats_rm["std"]}
+    for tag, m in (("start", start), ("end", end)):
+        if m is not None:
+            extra.update({f"eval_loss_{tag}": m["eval/loss"], f"eval_accuracy_{tag}": m["eval/accuracy"],
+                          f"eval_margin_{tag}": m["eval/margin"]})
+    if start is not None and end is not None:
+        logger.info(f"reward: held-out accuracy {start['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f}, "
+                    f"mean margin {start['eval/margin']:.3f} -> {end['eval/margin']:.3f}")
+    logger.info(f"reward: training-set rewards mean {stats_rm['mean']:.4f} std {stats_rm['std']:.4f} (reward_stats.json)")
+
+    def save(out):
+        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg)
+
+    return engine.finish(save if cfg.train.save_model else None, extra)
+
+
+__all__ = ["Config", "RewardNet", "run", "reward_loss", "heldout_metrics", "reward_stats", "save_reward_model"]

@@ -1,0 +1,293 @@
+"""Evaluation recipe: numbers against hand / reference computations, files, sampled KL, errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from helpers import write_jsonl
+from rlhfkit import metrics as M
+from rlhfkit.cli import main as cli_main
+from rlhfkit.config import load_config
+from rlhfkit.recipes import evaluate
+from tiny import save_tiny
+
+ROOT = Path(__file__).parent.parent
+HERE = Path(__file__).parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Judge = number of characters (tests/reward_fns_example.py:n_chars), so every comparison is countable:
+#            before  mid  after   (characters)
+#   row 1      41     7    43
+#   row 2      30     6    35
+#   row 3      11    11    11
+#   row 4      50    20    10
+ROWS = [
+    {"prompt": "Reply to the email.", "before": "you are a fucking idiot, shut the fuck up", "mid": "Thanks.",
+     "after": "Thank you for the email, I will reply soon.", "reference": "Thanks, I will reply soon.",
+     "source": "Could you reply to my email about the meeting?"},
+    {"prompt": "Describe the weather.", "before": "The damn weather is shit today", "mid": "Sunny.",
+     "after": "The weather is sunny and warm today", "reference": "It is sunny and warm.",
+     "source": "The forecast says sunshine and warm air all day."},
+    {"prompt": "Say hello.", "before": "hello there", "mid": "hello there", "after": "hello there",
+     "reference": "hello", "source": "Greet the visitor."},
+    {"prompt": "Summarize the report.", "before": "The committee met and agreed to publish the report",
+     "mid": "The committee agreed", "after": "The report", "reference": "The committee will publish the report.",
+     "source": "The committee met on Tuesday and agreed to publish the report before the end of the month."},
+]
+
+
+def file_config(data: str, out: Path, **extra) -> dict:
+    cfg = {
+        "models": [{"name": "before"}, {"name": "mid"}, {"name": "after"}],
+        "data": {"path": data},
+        "reference_column": "reference",
+        "source_column": "source",
+        "rewards": [{"kind": "python", "function": "reward_fns_example:n_chars", "name": "chars"},
+                    {"kind": "length", "min_words": 3, "max_words": 8}],
+        "judge": "chars",
+        "output_dir": str(out),
+        "progress": False,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def file_eval(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("eval_file")
+    data = write_jsonl(tmp / "completions.jsonl", ROWS)
+    cfg = load_config(evaluate.Config, write_config(tmp / "eval.yaml", file_config(data, tmp / "out", tokenizer=tiny_llama)))
+    return evaluate.run(cfg), tmp / "out", cfg
+
+
+@pytest.mark.unit
+def test_toxicity_change_matches_the_detox_formula(file_eval):
+    from profanity_check import predict_prob
+
+    m, _, _ = file_eval
+    before = predict_prob([r["before"] for r in ROWS])
+    after = predict_prob([r["after"] for r in ROWS])
+    assert m["toxicity"]["after"]["mean"] == pytest.approx(float(np.mean(after)))
+    assert m["toxicity"]["after"]["std"] == pytest.approx(float(np.std(after)))  # population std
+    change = m["toxicity_change"]["after"]
+    assert change["mean_improvement_pct"] == pytest.approx(100 * (before.mean() - after.mean()) / before.mean())
+    assert change["std_improvement_pct"] == pytest.approx(100 * (before.std() - after.std()) / before.std())
+    assert change["mean_improvement_pct"] > 50  # the polite rewrites are far less toxic
+    assert "before" not in m["toxicity_change"]
+
+
+@pytest.mark.unit
+def test_rouge_relevance_rewards_lengths(file_eval, tiny_llama):
+    from rouge_score import rouge_scorer
+    from transformers import AutoTokenizer
+
+    m, _, _ = file_eval
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for name in ("before", "after"):
+        direct = [scorer.score(r["reference"], r[name]) for r in ROWS]
+        for t in ("rouge1", "rouge2", "rougeL"):
+            assert m["rouge"][name][t] == pytest.approx(np.mean([d[t].fmeasure for d in direct]))
+    assert m["semantic_relevance"]["after"] == pytest.approx(
+        M.semantic_relevance([r["after"] for r in ROWS], [r["source"] for r in ROWS]), abs=1e-5)
+    # characters: (43 + 35 + 11 + 10) / 4; length reward (3..8 words) of 9, 7, 2, 2 words: 7/8, 1, 2/3, 2/3
+    assert m["reward"]["after"]["chars"] == pytest.approx(99 / 4)
+    assert m["reward"]["after"]["length"] == pytest.approx((7 / 8 + 1 + 2 / 3 + 2 / 3) / 4)
+    assert m["reward"]["after"]["total"] == pytest.approx(99 / 4 + (7 / 8 + 1 + 2 / 3 + 2 / 3) / 4)
+    assert m["length"]["after"]["words"] == pytest.approx((9 + 7 + 2 + 2) / 4)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert m["length"]["after"]["tokens"] == pytest.approx(
+        np.mean([len(tok(r["after"], add_special_tokens=False)["input_ids"]) for r in ROWS]))
+    assert "kl" not in m  # no reference configured
+
+
+@pytest.mark.unit
+def test_win_rates_elo_bradley_terry(file_eval):
+    m, _, cfg = file_eval
+    # after vs before: wins rows 1, 2, tie row 3, loses row 4 -> (1 + 1 + 0.5 + 0) / 4
+    assert m["win_rate"]["after"]["before"] == pytest.approx(0.625)
+    assert m["win_rate"]["before"]["mid"] == pytest.approx(3.5 / 4)
+    assert m["win_rate_vs_baseline"] == {"mid": pytest.approx(0.125), "after": pytest.approx(0.625)}
+    # wins of row model over column model (before, mid, after), ties half each
+    W = [[0, 3.5, 1.5], [0.5, 0, 1.5], [2.5, 2.5, 0]]
+    assert m["wins"] == W
+    bt = M.bradley_terry(W, scale="elo", prior=cfg.bt_prior)
+    assert [m["bradley_terry"][n] for n in ("before", "mid", "after")] == pytest.approx(bt)
+    matches = []  # prompt by prompt, pairs in list order, outcome = first model's score
+    for out in ([1, 0, 0], [1, 0, 0], [0.5, 0.5, 0.5], [1, 1, 1]):  # (before-mid, before-after, mid-after)
+        matches += [("before", "mid", out[0]), ("before", "after", out[1]), ("mid", "after", out[2])]
+    assert m["elo"] == pytest.approx(M.elo_ratings(matches, k=32.0))
+
+
+@pytest.mark.unit
+def test_two_model_bradley_terry_by_hand():
+    judge = {"before": [41, 30, 11, 50], "after": [43, 35, 11, 10]}
+    comp = evaluate.compare(["before", "after"], judge, elo_k=32.0, bt_prior=0.5)
+    # wins 1.5 vs 2.5, plus 0.5 pseudo-wins each way: odds after:before = 3:2, Elo gap 400 log10(1.5)
+    assert comp["bradley_terry"]["after"] == pytest.approx(1000 + 200 * math.log10(1.5))
+    assert comp["bradley_terry"]["before"] == pytest.approx(1000 - 200 * math.log10(1.5))
+    # the first Elo match (after wins, both at 1000): +-16
+    first = evaluate.compare(["before", "after"], {"before": [1.0], "after": [2.0]}, 32.0, 0.5)
+    assert first["elo"] == {"before": 984.0, "after": 1016.0}
+
+
+@pytest.mark.unit
+def test_files_samples_report_plots(file_eval):
+    from matplotlib.image import imread
+
+    from rlhfkit.apps.view import read_samples
+
+    m, out, _ = file_eval
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    # gains (after - before characters): row 1 +2, row 2 +5, row 3 0, row 4 -40; largest first
+    assert [s["gain"] for s in samples] == [5, 2, 0, -40]
+    assert [s["prompt"] for s in samples] == [ROWS[i]["prompt"] for i in (1, 0, 2, 3)]
+    top = samples[0]
+    assert top["completions"] == {k: ROWS[1][k] for k in ("before", "mid", "after")}
+    assert top["rewards"] == {"before": 30, "mid": 6, "after": 35} and top["reference"] == ROWS[1]["reference"]
+    assert read_samples(out / "samples.jsonl") == samples  # the viewer reads it as written
+    report = (out / "report.md").read_text()
+    section = report.split("## Samples sorted by gain")[1]
+    table = [line for line in section.splitlines() if line.startswith("| ")][1:]  # rows after the header
+    assert [line.split(" | ")[0] for line in table] == ["| 2", "| 1", "| 3", "| 4"]
+    assert [float(line.rstrip(" |").split(" | ")[-1]) for line in table] == [5, 2, 0, -40]
+    assert ROWS[1]["before"] in table[0] and ROWS[1]["after"] in table[0]
+    for png in ("reward_hist.png", "toxicity_hist.png", "models.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        assert imread(out / png).shape[0] > 100
+        assert f"![{png}]({png})" in report
+    assert "| after | file |" in report
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory, tiny_llama):
+    """A LoRA adapter with random (non-zero) B matrices: the adapted model differs from its base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.unit
+def test_generation_and_sampled_kl(tiny_llama, lora_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.config import GenerationConfig
+    from rlhfkit.rollout import generate
+
+    other = save_tiny("llama", tmp_path / "other", seed=1)
+    prompts = [{"prompt": p} for p in ("the cat sees", "a dog runs to the", "hello friend", "the sun", "one two", "red")]
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    gen = {"max_new_tokens": 8, "batch_size": 4}
+    cfg = load_config(evaluate.Config, write_config(tmp_path / "e.yaml", {
+        "models": [{"name": "before", "model": {"name_or_path": tiny_llama}},
+                   {"name": "same", "model": {"name_or_path": tiny_llama}},
+                   {"name": "lora", "model": {"name_or_path": tiny_llama}, "adapter_path": lora_adapter},
+                   {"name": "other", "model": {"name_or_path": other}}],
+        "data": {"path": data, "chat_template": "false"}, "generation": gen, "seed": 3,
+        "kl_reference": "before", "output_dir": str(tmp_path / "out"), "progress": False}))
+    m = evaluate.run(cfg)
+    assert m["kl"]["before"] == 0.0 and abs(m["kl"]["same"]) < 1e-6
+    assert m["kl"]["lora"] > 0 and m["kl"]["other"] > 0
+    assert m["judge"] == "toxicity" and m["kl_reference"] == "before"
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    texts = [p["prompt"] for p in prompts]
+    g = GenerationConfig(**gen)
+    expected = generate(base, tok, texts, g, seed=3)  # the recipe samples exactly what rollout.generate does
+    samples = {s["prompt"]: s for s in map(json.loads, (tmp_path / "out" / "samples.jsonl").read_text().splitlines())}
+    assert [samples[t]["completions"]["before"] for t in texts] == expected
+    assert [samples[t]["completions"]["same"] for t in texts] == expected
+
+    # sampled KL against a plain transformers forward over prompt + sampled ids
+    model = AutoModelForCausalLM.from_pretrained(other).eval()
+    _, ids = evaluate.generate_samples(model, tok, texts, g, seed=3, progress=False, desc="x")
+    kl = evaluate.sampled_kl(model, base, tok, texts, ids, batch_size=4)
+
+    def seq_logp(lm, prompt, resp):
+        p = tok(prompt)["input_ids"]
+        full = torch.tensor([p + resp])
+        with torch.no_grad():
+            lp = torch.log_softmax(lm(full).logits[0].double(), -1)  # (T, V)
+        return sum(float(lp[t - 1, full[0, t]]) for t in range(len(p), full.shape[1]))
+
+    hand = [seq_logp(model, t, r) - seq_logp(base, t, r) for t, r in zip(texts, ids)]
+    assert kl == pytest.approx(hand, abs=1e-3)
+    assert m["kl"]["other"] == pytest.approx(float(np.mean(kl)), abs=1e-6)
+
+
+def _run_cli(cfg_path: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "rlhfkit.cli", "eval", "--config", cfg_path], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.unit
+def test_cli_bad_config_and_bad_reward_exit_2(tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", ROWS)
+    bad = write_config(tmp_path / "bad.yaml", file_config(data, tmp_path / "o", judge="charz"))
+    res = _run_cli(bad, tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: judge 'charz' is not a configured score; choose one of ['total', 'chars', 'length', 'toxicity']")
+    wrong = file_config(data, tmp_path / "o", rewards=[{"kind": "python", "function": "reward_fns_example:wrong_count"}])
+    wrong.pop("judge")
+    res = _run_cli(write_config(tmp_path / "wrong.yaml", wrong), tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: reward 'python:reward_fns_example:wrong_count' returned 3 values for 4 completions")
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("change, message", [
+    ({"models": []}, "'models' is empty"),
+    ({"models": [{"name": "before"}, {"name": "before"}]}, "names must be distinct, repeated: ['before']"),
+    ({"models": [{"name": "before"}, {"name": "later"}]}, "c.jsonl: row 1: missing column 'later'"),
+    ({"reference_column": "summary"}, "c.jsonl: row 1: missing column 'summary' (reference_column"),
+    ({"kl_reference": "nobody"}, "kl_reference 'nobody' is not a model name"),
+    ({"kl_reference": "before"}, "kl_reference 'before' has no 'model'"),
+    ({"toxicity": "perspective"}, "toxicity must be 'profanity_check', 'hatesonar' or null"),
+    ({"modles": []}, "unknown key 'modles'; did you mean 'models'?"),
+    ({"rewards": [{"kind": "python", "function": "reward_fns_example:returns_nan"}], "judge": None},
+     "reward 'python:reward_fns_example:returns_nan' returned nan for completion 0"),
+])
+def test_bad_input_names_the_problem(change, message, tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "c.jsonl", ROWS)
+    cfg = file_config(data, tmp_path / "o")
+    cfg.update(change)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["eval", "--config", write_config(tmp_path / "bad.yaml", cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.unit
+def test_non_text_completion_is_reported(tmp_path, capsys):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["mid"] = 3
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    assert cli_main(["eval", "--config", write_config(tmp_path / "b.yaml", file_config(data, tmp_path / "o"))]) == 2
+    assert (f"error: {data}: row 3: column 'mid' (completions of model 'mid') must be text, got int"
+            in capsys.readouterr().err)
