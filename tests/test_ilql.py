@@ -244,11 +244,28 @@ def test_train_offline_takes_a_loaded_model_and_texts(tiny_gpt2, tmp_path):
     assert summary["steps"] == 3 and summary["reward_normalization"]["mean"] == approx(sum(rewards) / 24)
     # text samples start from BOS: decoding from no prompt works the same way
     assert len(out.generate([""], seed=0, max_new_tokens=4)) == 1
-    bc = ilql.train_offline(model, texts, rewards, tokenizer=tok, **quick_config(
-        tmp_path / "bc", method="filtered_bc", top_fraction=0.5))
+    # the config forms of rlhfkit.train: a dict with dotted keys, and __ for . in keyword overrides
+    bc = ilql.train_offline(model, texts, rewards, tokenizer=tok,
+                            config={"method": "filtered_bc", "train.max_steps": 2},
+                            train__output_dir=str(tmp_path / "bc"), train__progress=False, top_fraction=0.5,
+                            data={"chat_template": "false"})
     assert bc is model
+    summary = json.loads((tmp_path / "bc" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["kept_rows"] == 12
     with pytest.raises(UserError, match="pass tokenizer="):
         ilql.train_offline(model, texts, rewards, **quick_config(tmp_path / "x"))
+
+
+@pytest.mark.unit
+def test_rlhfkit_train_with_samples_runs_ilql(tiny_gpt2, tmp_path):
+    import rlhfkit
+
+    pairs = cat_samples(16)
+    model = rlhfkit.train(tiny_gpt2, samples=pairs, rewards=has_cat(None, [o for _, o in pairs]),
+                          config={"train.max_steps": 2, "train.batch_size": 8, "train.progress": False,
+                                  "data.chat_template": "false"}, train__output_dir=str(tmp_path / "run"))
+    assert isinstance(model, ilql.ILQLModel)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
 
 
 @pytest.mark.unit
@@ -273,7 +290,8 @@ def test_shipped_example_config_data_and_reward():
     assert 0.27 < sum(r["reward"] for r in rows) / len(rows) < 0.33
     reward = build_reward([{**vars(c), "function": str(root / c.function.split(":")[0]) + ":reward"}
                            for c in cfg.eval_reward])
-    assert reward([r["prompt"] for r in rows[:50]], [r["output"] for r in rows[:50]]) == [r["reward"] for r in rows[:50]]
+    first = rows[:50]
+    assert reward([r["prompt"] for r in first], [r["output"] for r in first]) == [r["reward"] for r in first]
 
 
 @pytest.mark.unit

@@ -735,9 +735,10 @@ def train_offline(model: Union[str, nn.Module], samples: Sequence[Union[str, tup
     ``model``: a hub name or local folder, or a loaded Hugging Face model (causal or seq2seq,
     optionally a peft model) together with ``tokenizer=``. ``samples``: texts (the whole text is the
     completion) or ``(prompt, output)`` pairs; ``rewards``: one number per sample.
-    ``config``: a ``Config``, a dict of its fields, or a YAML file; ``overrides`` replace fields of
-    it, sections as dicts, e.g. ``train_offline("gpt2", texts, scores, method="ilql", beta=2.0,
-    train={"max_steps": 500, "lr": 1e-4}, eval_reward=[{"kind": "python", "function": "m:f"}])``.
+    ``config``: a ``Config``, a YAML file, or a dict of its fields (nested, or dotted keys such as
+    ``{"train.lr": 1e-4}``); ``overrides`` replace fields of it: sections as dicts or dotted keys
+    with ``__`` for ``.``, e.g. ``train_offline("gpt2", texts, scores, beta=2.0, train__lr=1e-4,
+    train={"max_steps": 500}, eval_reward=[{"kind": "python", "function": "m:f"}])``.
     ``eval_samples`` (same form) give the prompts of the end-of-run evaluation.
 
     Returns an ``ILQLModel`` for ``method="ilql"``: ``.generate(prompts, beta=...)`` decodes with
@@ -748,14 +749,18 @@ def train_offline(model: Union[str, nn.Module], samples: Sequence[Union[str, tup
     from rlhfkit.config import load_config
 
     if isinstance(config, str):
-        cfg = load_config(Config, config)
-    elif isinstance(config, dict):
-        cfg = from_dict(Config, config, source="config")
+        base = to_dict(load_config(Config, config))
+    elif isinstance(config, Config):
+        base = to_dict(config)
+    elif config is None or isinstance(config, dict):
+        base = to_dict(Config())
+        for key, value in (config or {}).items():
+            _set_dotted(base, key, value)
     else:
-        cfg = copy.deepcopy(config) if config is not None else Config()
-    if overrides:
-        merged = _deep_merge(to_dict(cfg), overrides)
-        cfg = from_dict(Config, merged, source="train_offline(...)")
+        raise UserError(f"train_offline: config must be a Config, a YAML path or a dict, got {type(config).__name__}")
+    for key, value in overrides.items():
+        _set_dotted(base, key.replace("__", "."), value)
+    cfg = from_dict(Config, base, source="train_offline(...)")
     if isinstance(model, str):
         cfg.model.name_or_path = model
     validate(cfg)
@@ -785,6 +790,16 @@ def _as_sample(s: Union[str, tuple[str, str]], reward: float, i: int) -> Sample:
     if isinstance(s, (tuple, list)) and len(s) == 2 and all(isinstance(x, str) for x in s):
         return Sample(s[0], s[1], float(reward))
     raise UserError(f"train_offline: sample {i} must be a text or a (prompt, output) pair, got {s!r:.80}")
+
+
+def _set_dotted(base: dict, dotted: str, value: Any) -> None:
+    """``base[a][b] = value`` for ``"a.b"``; a dict value merges into a section instead of replacing it."""
+    *path, last = dotted.split(".")
+    node = base
+    for part in path:
+        node = node.setdefault(part, {})
+    merge = isinstance(value, dict) and isinstance(node.get(last), dict)
+    node[last] = _deep_merge(node[last], value) if merge else value
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
