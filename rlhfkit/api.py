@@ -12,7 +12,8 @@ Offline (ILQL) from scored samples::
 
 ``config`` is a recipe Config object, a YAML path, or a dict of dotted overrides
 (``{"train.lr": 1e-5}``); keyword ``overrides`` are dotted keys with ``__`` for ``.``
-(``train__lr=1e-5``). The trained policy (a transformers / peft model) is returned.
+(``train__lr=1e-5``). The trained policy (a transformers / peft model) is returned; offline ILQL
+returns an ``ILQLModel`` (``.lm`` is the transformers model, ``.generate(prompts, beta=...)``).
 """
 from __future__ import annotations
 
