@@ -73,7 +73,7 @@ from rlhfkit.config import (
 )
 from rlhfkit.data import (
     DataStats, Example, StepBatcher, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
-    load_splits, require_text,
+    load_splits, parse_rows, require_text,
 )
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import (
@@ -196,24 +196,16 @@ def read_reward(table: Table, i: int, cfg: DataConfig) -> float:
 
 def offline_samples(table: Table, cfg: DataConfig, tokenizer, stats: DataStats) -> list[Sample]:
     """Samples from rows: ``text`` alone, or ``prompt`` (or the template) + ``output``; and ``reward``."""
-    out = []
     text_col, prompt_col = cfg.columns.get("text", "text"), cfg.columns.get("prompt", "prompt")
-    for i, row in enumerate(table.rows):
-        try:
-            if text_col in row and prompt_col not in row and cfg.prompt_template is None:
-                prompt, output = "", require_text(table, i, "text", cfg)
-            else:
-                prompt, output = build_prompt(table, i, cfg, tokenizer), require_text(table, i, "output", cfg)
-            out.append(Sample(prompt, output, read_reward(table, i, cfg)))
-        except UserError as e:
-            if not cfg.drop_invalid:
-                raise
-            stats.dropped_invalid += 1
-            logger.warning(f"dropped: {e}")
-    stats.rows = len(out)
-    if stats.dropped_invalid:
-        logger.warning(f"{table.source}: dropped {stats.dropped_invalid} invalid rows")
-    return out
+
+    def parse(i: int, row: dict) -> Sample:
+        if text_col in row and prompt_col not in row and cfg.prompt_template is None:
+            prompt, output = "", require_text(table, i, "text", cfg)
+        else:
+            prompt, output = build_prompt(table, i, cfg, tokenizer), require_text(table, i, "output", cfg)
+        return Sample(prompt, output, read_reward(table, i, cfg))
+
+    return parse_rows(table, cfg, stats, parse)
 
 
 def prompt_ids(tokenizer, prompt: str, is_seq2seq: bool) -> list[int]:
