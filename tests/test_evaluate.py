@@ -291,3 +291,43 @@ def test_non_text_completion_is_reported(tmp_path, capsys):
     assert cli_main(["eval", "--config", write_config(tmp_path / "b.yaml", file_config(data, tmp_path / "o"))]) == 2
     assert (f"error: {data}: row 3: column 'mid' (completions of model 'mid') must be text, got int"
             in capsys.readouterr().err)
+
+
+@pytest.mark.unit
+def test_token_kl_on_greedy_responses(tiny_llama, tmp_path):
+    """Greedy eval: KL is sum_t KL(pi(.|s_t) || ref(.|s_t)) along the responses, equal to a plain
+    transformers computation, zero for a model against itself and never negative."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.config import GenerationConfig
+
+    other = save_tiny("llama", tmp_path / "other", seed=1)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model = AutoModelForCausalLM.from_pretrained(other).eval()
+    texts = ["the cat sees", "a dog runs to the", "hello friend", "red"]
+    g = GenerationConfig(max_new_tokens=6, do_sample=False, batch_size=4)
+    _, ids = evaluate.generate_samples(model, tok, texts, g, seed=0, progress=False, desc="x")
+    kl = evaluate.token_kl(model, base, tok, texts, ids, batch_size=3)
+
+    def hand(prompt, resp):
+        p = tok(prompt)["input_ids"]
+        full = torch.tensor([p + resp])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(full).logits[0].double(), -1)  # (T, V)
+            lq = torch.log_softmax(base(full).logits[0].double(), -1)  # (T, V)
+        return sum(float((lp[t - 1].exp() * (lp[t - 1] - lq[t - 1])).sum()) for t in range(len(p), full.shape[1]))
+
+    assert kl == pytest.approx([hand(t, r) for t, r in zip(texts, ids)], abs=1e-4)
+    assert all(k > 0 for k in kl)
+    assert evaluate.token_kl(model, model, tok, texts, ids, batch_size=4) == pytest.approx([0.0] * 4, abs=1e-6)
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in texts])
+    cfg = load_config(evaluate.Config, write_config(tmp_path / "e.yaml", {
+        "models": [{"name": "before", "model": {"name_or_path": tiny_llama}},
+                   {"name": "other", "model": {"name_or_path": other}}],
+        "data": {"path": data, "chat_template": "false"}, "generation": {"max_new_tokens": 6, "do_sample": False},
+        "kl_reference": "before", "output_dir": str(tmp_path / "out"), "progress": False}))
+    m = evaluate.run(cfg)
+    assert m["kl_estimator"] == "token" and m["kl"]["before"] == 0.0
+    assert m["kl"]["other"] == pytest.approx(float(np.mean(kl)), abs=1e-5)

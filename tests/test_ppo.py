@@ -146,3 +146,24 @@ def test_train_api_offline_and_grpo_routes(tiny_gpt2, tmp_path):
     assert (tmp_path / "g" / "prompts.jsonl").read_text().count("\n") == 16
     with pytest.raises(rlhfkit.config.UserError, match="same length"):
         rlhfkit.train(tiny_gpt2, samples=["a", "b"], rewards=[1.0])
+
+
+@pytest.mark.unit
+def test_samples_per_prompt_repeats_each_prompt(tiny_gpt2, tmp_path):
+    """rollout_batch_size 8 with samples_per_prompt 4: each iteration answers 2 prompts 4 times each."""
+    seen: list[list[str]] = []
+
+    def recording(prompts, completions, **columns):
+        seen.append(list(prompts))
+        return lowercase_share(prompts, completions)
+
+    cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run", rollout_batch_size=8, samples_per_prompt=4,
+                 ppo_epochs=1, eval_prompts=0)
+    cfg.train.max_steps = 2
+    ppo.run(cfg, reward_fn=recording)
+    rollouts = [p for p in seen if len(p) == 8]
+    assert len(rollouts) == 2
+    for batch in rollouts:
+        assert sorted(batch.count(p) for p in set(batch)) == [4, 4]
+    with pytest.raises(Exception, match="multiple of samples_per_prompt"):
+        config(tiny_gpt2, "x.jsonl", tmp_path / "r2", rollout_batch_size=8, samples_per_prompt=3).validate()

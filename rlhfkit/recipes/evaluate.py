@@ -45,7 +45,7 @@ from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig
 from rlhfkit.config import save_config
 from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
                           wrap_prompt)
-from rlhfkit.models import PolicyModel, load_policy, load_tokenizer, pick_device
+from rlhfkit.models import PolicyModel, load_policy, load_tokenizer, pick_device, unwrap
 from rlhfkit.rewards import Toxicity, build_reward, validate_reward
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
 
@@ -99,7 +99,10 @@ class Config:
     ``rewards`` (its ``name`` or kind), ``total`` (their weighted sum), or ``toxicity`` (1 - p(toxic)).
     Default: ``total`` when rewards are configured, else ``toxicity``."""
     kl_reference: Optional[str] = None
-    """Name of the model in ``models`` that is the KL reference (e.g. ``before``)."""
+    """Name of the model in ``models`` that is the KL reference (e.g. ``before``). With sampling
+    the KL is the sampled estimate (mean over prompts of sum_t log pi - log pi_ref on the sampled
+    tokens); with greedy decoding it is the exact per-position KL of the next-token distributions
+    summed along each greedy response (``metrics.json``: ``kl_estimator`` says which)."""
     kl_reference_model: Optional[ModelConfig] = None
     """A separate KL reference model (instead of ``kl_reference``)."""
     kl_batch_size: int = 8
@@ -217,6 +220,47 @@ def sampled_kl(model, ref_model, tok, prompts: list[str], responses: list[list[i
     lp = sequence_logps(PolicyModel(model).eval(), tok, prompts, responses, batch_size)
     lr = sequence_logps(PolicyModel(ref_model).eval(), tok, prompts, responses, batch_size)
     return (lp - lr).tolist()
+
+
+@torch.no_grad()
+def response_logits(model, batch: dict) -> torch.Tensor:
+    """Logits (N, V) of the next-token distributions that predict each response token of a
+    collated batch (rows in order, tokens in order within a row)."""
+    mask = batch["labels"] != -100  # (B, T)
+    hf = unwrap(model)
+    if hf.config.is_encoder_decoder:
+        dec_in = hf.prepare_decoder_input_ids_from_labels(labels=batch["labels"].masked_fill(~mask, 0))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in,
+                    decoder_attention_mask=batch.get("decoder_attention_mask"), use_cache=False)
+        return out.logits[mask]  # (N, V)
+    position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
+                use_cache=False)
+    return out.logits[:, :-1][mask[:, 1:]]  # (N, V): position t - 1 predicts token t
+
+
+@torch.no_grad()
+def token_kl(model, ref_model, tok, prompts: list[str], responses: list[list[int]], batch_size: int) -> list[float]:
+    """Per prompt, sum over the response's positions of the exact KL between the next-token
+    distributions, sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)).
+
+    Used when the evaluated responses are greedy: the sampled estimator ``log pi - log pi_ref``
+    is only unbiased for responses sampled from pi (on greedy ones it can be negative), while
+    this is >= 0 at every position and needs no extra sampling. For sampled responses its
+    expectation equals the sequence KL too.
+    """
+    device = next(model.parameters()).device
+    seq2seq = bool(unwrap(model).config.is_encoder_decoder)
+    examples = [Example(encode_prompt(tok, p, seq2seq), list(r)) for p, r in zip(prompts, responses)]
+    out: list[float] = []
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[s: s + batch_size], tok.pad_token_id, seq2seq).items()}
+        lp = torch.log_softmax(response_logits(model, batch).float(), -1)  # (N, V)
+        lq = torch.log_softmax(response_logits(ref_model, batch).float(), -1)  # (N, V)
+        kl_pos = (lp.exp() * (lp - lq)).sum(-1).double().cpu()  # (N,)
+        counts = (batch["labels"] != -100).sum(-1).tolist()  # tokens per row
+        out += [float(c.sum()) for c in kl_pos.split(counts)]
+    return out
 
 
 def same_tokenizer(a, b) -> bool:
@@ -350,7 +394,7 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
         header.append("relevance")
         cols.append(lambda n: [m["semantic_relevance"][n]])
     if "kl" in m:
-        header.append(f"KL to {m['kl_reference']}")
+        header.append(f"KL to {m['kl_reference']} ({m.get('kl_estimator', 'sampled')})")
         cols.append(lambda n: [m["kl"].get(n)])
     header += ["tokens", "words"]
     cols.append(lambda n: [m["length"][n].get("tokens"), m["length"][n]["words"]])
@@ -448,7 +492,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
         if ref_model is not None and model is not None:
             if not same_tokenizer(tok, ref_tok):
                 raise UserError(f"models '{e.name}': KL needs the reference's tokenizer; this model's differs")
-            kl[e.name] = float(np.mean(sampled_kl(model, ref_model, tok, wrapped, responses, cfg.kl_batch_size)))
+            kl_fn = sampled_kl if cfg.generation.do_sample else token_kl
+            kl[e.name] = float(np.mean(kl_fn(model, ref_model, tok, wrapped, responses, cfg.kl_batch_size)))
         if model is not None and model is not ref_model:
             del model
             gc.collect()
@@ -489,6 +534,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if kl:
         m["kl"] = kl
         m["kl_reference"] = cfg.kl_reference or cfg.kl_reference_model.name_or_path
+        m["kl_estimator"] = "sampled" if cfg.generation.do_sample else "token"
     m["length"] = {n: {"words": float(np.mean([len(c.split()) for c in completions[n]])),
                        **({"tokens": float(np.mean(tokens[n]))} if tokens[n] is not None else {})} for n in names}
     m["judge_mean"] = {n: float(np.mean(judge[n])) for n in names}
@@ -542,4 +588,5 @@ def run(cfg: Config, resume: bool = False) -> dict:
     return m
 
 
-__all__ = ["Config", "EvalModelConfig", "run", "generate_samples", "sampled_kl", "sequence_logps", "compare"]
+__all__ = ["Config", "EvalModelConfig", "run", "generate_samples", "sampled_kl", "token_kl", "sequence_logps",
+           "compare"]

@@ -3,8 +3,9 @@
 summarize from human feedback"; PPO from Schulman et al. 2017).
 
 One iteration (one logged step):
-1. rollout: sample a response for each of ``rollout_batch_size`` prompts (top-k / top-p /
-   temperature, ``generation.output_length_range`` for a sampled length);
+1. rollout: sample ``samples_per_prompt`` responses for each of ``rollout_batch_size /
+   samples_per_prompt`` prompts (top-k / top-p / temperature, ``generation.output_length_range``
+   for a sampled length);
 2. score: the task reward r(x, y) from the reward layer (a composite of reward functions, or a
    Python ``reward_fn``), optionally running-normalised and clipped, minus
    ``truncation_penalty`` for responses cut at the length limit;
@@ -67,7 +68,12 @@ class Config:
     reward_bias: float = 0.0
     """Constant added to the composite reward."""
     rollout_batch_size: int = 16
-    """Prompts sampled per iteration (per process)."""
+    """Responses sampled per iteration (per process): ``rollout_batch_size / samples_per_prompt``
+    prompts, each answered ``samples_per_prompt`` times."""
+    samples_per_prompt: int = 1
+    """Responses per prompt in a rollout batch. Several answers to one prompt put contrasting
+    rewards for the same prompt in one update (as OpenRLHF's ``n_samples_per_prompt``); the
+    advantages still come from GAE with the value head, not from group statistics."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     cliprange: float = 0.2
@@ -106,7 +112,7 @@ class Config:
     """Held-out prompts scored with greedy decoding at the start and the end."""
 
     def validate(self) -> None:
-        for key in ("rollout_batch_size", "ppo_epochs"):
+        for key in ("rollout_batch_size", "ppo_epochs", "samples_per_prompt"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.train.batch_size * self.train.grad_accum > self.rollout_batch_size:
@@ -114,6 +120,9 @@ class Config:
                             f"is larger than rollout_batch_size ({self.rollout_batch_size})")
         if self.rollout_batch_size % (self.train.batch_size * self.train.grad_accum):
             raise UserError("rollout_batch_size must be a multiple of train.batch_size x train.grad_accum")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise UserError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of samples_per_prompt "
+                            f"({self.samples_per_prompt})")
         if self.kl_estimator not in ("k1", "abs", "mse", "k3"):
             raise UserError(f"kl_estimator must be one of k1, abs, mse, k3, got '{self.kl_estimator}'")
         if not self.rewards:
@@ -227,7 +236,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
 
     # ---- engine ---------------------------------------------------------------------------------
     world, rank = process_info(cfg.train)
-    batcher = StepBatcher([len(p) for p in prompt_ids], cfg.rollout_batch_size, 1, cfg.train.seed,
+    batcher = StepBatcher([len(p) for p in prompt_ids], cfg.rollout_batch_size // cfg.samples_per_prompt, 1,
+                          cfg.train.seed,
                           group_by_length=False, world_size=world, rank=rank)
     n_mb = cfg.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum)
     state: dict = {"kl_coef": cfg.kl_coef, "moments": {}}
@@ -257,7 +267,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     ac: ActorCritic = engine.unwrapped()
     while not engine.done:
         t0 = time.perf_counter()
-        idx = batcher.step(engine.step_count)[0]
+        idx = [i for i in batcher.step(engine.step_count)[0] for _ in range(cfg.samples_per_prompt)]
         exp = rollout(ac.policy, tok, [wrapped[i] for i in idx], [prompt_ids[i] for i in idx], cfg.generation,
                       sample_max_new_tokens(cfg.generation, rng))
         t_gen = time.perf_counter()
