@@ -1,6 +1,6 @@
 """PPO benchmark: SmolLM2-135M-Instruct + LoRA on this machine's CPU.
 
-    python benchmarks/ppo.py [--steps 3] [--batch 16] [--new-tokens 32]
+    python benchmarks/ppo.py [--steps 3] [--batch 32] [--minibatch 16] [--new-tokens 32]
 
 Prints episodes/s, tokens/s, the time split of a PPO iteration (generation / scoring /
 reference + value forward / update), peak RSS, and two ratios with their targets:
@@ -45,8 +45,8 @@ def child_policy_alone(args) -> dict:
            for p in prompts(args.batch)]
     batch = collate([Example(p, [tok.eos_token_id] * args.new_tokens) for p in ids], tok.pad_token_id, False)
     for _ in range(args.steps):
-        for mb in range(0, args.batch, 8):
-            sl = {k: v[mb: mb + 8] for k, v in batch.items()}
+        for mb in range(0, args.batch, args.minibatch):
+            sl = {k: v[mb: mb + args.minibatch] for k, v in batch.items()}
             out = policy(**sl)
             ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
             opt.step()
@@ -93,7 +93,8 @@ def child_ppo(args) -> dict:
     out = tempfile.mkdtemp()
     cfg, _ = pipeline.stage_config(pcfg.stages[0], out, {}, [
         f"data.path={ROOT / 'examples/data/detox_prompts.jsonl'}", f"train.max_steps={args.steps}",
-        f"rollout_batch_size={args.batch}", f"generation.max_new_tokens={args.new_tokens}",
+        f"rollout_batch_size={args.batch}", f"train.batch_size={args.minibatch}", "ppo_epochs=1",
+        f"generation.batch_size={args.batch}", f"generation.max_new_tokens={args.new_tokens}",
         f"generation.min_new_tokens={args.new_tokens}", "train.checkpoint_every=0", "train.progress=false",
         "train.save_model=false"])
     s = ppo.run(cfg)
@@ -108,7 +109,7 @@ def child_ppo(args) -> dict:
 def run_child(name: str, args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--new-tokens", str(args.new_tokens)]
+           "--new-tokens", str(args.new_tokens), "--minibatch", str(args.minibatch)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
@@ -118,8 +119,9 @@ def run_child(name: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--minibatch", type=int, default=16, help="PPO minibatch (rows per optimizer update)")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:

@@ -175,6 +175,33 @@ def response_slice(batch: dict, is_seq2seq: bool) -> slice:
     return slice(first, None)
 
 
+def left_trim(batch: dict, rows: torch.Tensor, is_seq2seq: bool) -> tuple[dict, int]:
+    """Rows ``rows`` of a collated batch without the leading columns that are left padding in all
+    of them, and the number of columns dropped. Causal only (seq2seq batches are returned whole):
+    positions count from each row's first real token, so the outputs are those of the full batch."""
+    sub = {k: v[rows] for k, v in batch.items()}
+    if is_seq2seq:
+        return sub, 0
+    lo = int(sub["attention_mask"].float().argmax(dim=1).min())  # first column any row uses
+    return {k: v[:, lo:] for k, v in sub.items()}, lo
+
+
+def forward_by_length(fn: Callable[[dict], dict], batch: dict, size: int, is_seq2seq: bool) -> dict:
+    """Apply ``fn`` (a sub-batch -> dict of (b, T') tensors) to chunks of ``size`` rows taken in
+    order of length, each without its common left padding, and reassemble (B, T) tensors: the
+    no-grad passes then spend little compute on padding."""
+    B, T = batch["labels"].shape
+    order = batch["attention_mask"].sum(1).argsort()  # (B,) shortest first
+    out: dict[str, torch.Tensor] = {}
+    for rows in order.split(size):
+        sub, lo = left_trim(batch, rows, is_seq2seq)
+        for k, v in fn(sub).items():
+            if k not in out:
+                out[k] = v.new_zeros((B, T))
+            out[k][rows, lo:] = v
+    return out
+
+
 def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None, prompts: Optional[list[str]] = None,
         model: Optional[nn.Module] = None, tokenizer=None) -> dict:
     """Train with PPO. Python callers may pass a ``reward_fn(prompts, completions, **columns)``
@@ -288,9 +315,11 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         cols = response_slice(batch, seq2seq)
         with torch.no_grad():
             ac.eval()
-            old = ac(**{k: v.to(engine.device) for k, v in batch.items()}, with_entropy=True)
+            old = forward_by_length(lambda b: ac(**{k: v.to(engine.device) for k, v in b.items()}, with_entropy=True),
+                                    batch, cfg.train.batch_size, seq2seq)
             ac.train()
-            ref_logps = reference.logps({k: v.to(engine.device) for k, v in batch.items()})
+            ref_logps = forward_by_length(lambda b: {"ref": reference.logps({k: v.to(engine.device) for k, v in b.items()})},
+                                          batch, cfg.train.batch_size, seq2seq)["ref"]
         mask = old["mask"][:, cols].float()  # (B, R)
         old_logps = old["logps"][:, cols]  # (B, R)
         old_values = old["values"][:, cols] * mask  # (B, R)
@@ -315,11 +344,12 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                 rows_mb = perm[s: s + mb_rows]
                 micro = []
                 for m in rows_mb.split(cfg.train.batch_size):
-                    micro.append({**{k: v[m] for k, v in batch.items()}, "old_logps": old_logps[m],
+                    sub, lo = left_trim(batch, m, seq2seq)
+                    micro.append({**sub, "cols": slice(cols.start - lo, None), "old_logps": old_logps[m],
                                   "old_values": old_values[m], "advantages": advantages[m], "returns": returns[m],
                                   "resp_mask": mask[m]})
                 weights = [float(mb["resp_mask"].sum()) for mb in micro]
-                m = engine.step(lambda model, mb: ppo_loss(model, mb, cols, cfg), micro, weights)
+                m = engine.step(lambda model, mb: ppo_loss(model, mb, cfg), micro, weights)
                 update_metrics.append(m)
                 if cfg.target_kl is not None and m["approx_kl"] > cfg.target_kl:
                     stopped_early = True
@@ -361,9 +391,11 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     return summary
 
 
-def ppo_loss(model: nn.Module, mb: dict, cols: slice, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate + vf_coef x clipped value loss on one micro-batch."""
+def ppo_loss(model: nn.Module, mb: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate + vf_coef x clipped value loss on one micro-batch (``mb["cols"]``: its
+    response columns)."""
     out = model(**{k: mb[k] for k in ("input_ids", "attention_mask", "labels", "decoder_attention_mask") if k in mb})
+    cols = mb["cols"]
     mask = mb["resp_mask"]  # (b, R)
     logps = out["logps"][:, cols]  # (b, R)
     values = out["values"][:, cols]  # (b, R)
