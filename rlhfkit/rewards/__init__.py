@@ -39,7 +39,7 @@ from rlhfkit.config import ConfigError, RewardConfig, UserError, from_dict
 RewardFn = Callable[..., list[float]]
 
 GIBBERISH_LABELS = ("clean", "mild gibberish", "word salad", "noise")
-RESOURCES = Path(__file__).parent / "resources"
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"  # rlhfkit/resources
 
 
 # --------------------------------------------------------------------------------------------
