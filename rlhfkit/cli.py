@@ -13,7 +13,8 @@ import textwrap
 
 from rlhfkit.config import UserError, describe, load_config
 
-# command -> (module, preset overrides applied before the file's keys)
+# command -> (module, preset overrides: applied on top of the config file, before the command line's
+# overrides; they are also the defaults --help shows)
 COMMANDS: dict[str, tuple[str, list[str]]] = {
     "sft": ("rlhfkit.recipes.sft", []),
     "reward": ("rlhfkit.recipes.reward", []),
@@ -68,9 +69,12 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict[str, bool]]
     return config_path, overrides, flags
 
 
-def print_help(command: str, cls: type) -> None:
+def print_help(command: str, cls: type, preset: list[str] | None = None) -> None:
+    """Every config key with its default (after the command's ``preset``, e.g. ``rloo``'s
+    ``algorithm=rloo``) and its docstring."""
     print(f"rlhfkit {command} --config FILE.yaml [key=value ...]\n")
-    for key, default, doc in describe(cls):
+    defaults = load_config(cls, None, preset) if preset else None
+    for key, default, doc in describe(cls, defaults=defaults):
         print(f"  {key} = {default}")
         if doc:
             print(textwrap.indent(textwrap.fill(doc, 92), "      "))
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.main(rest) or 0)
         config_path, overrides, flags = parse_args(rest)
         if flags["help"]:
-            print_help(command, module.Config)
+            print_help(command, module.Config, preset)
             return 0
         cfg = load_config(module.Config, config_path, preset + overrides)
         module.run(cfg, resume=flags["resume"])

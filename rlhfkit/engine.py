@@ -43,6 +43,14 @@ def batch_tokens(batch: dict) -> int:
     return int(sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)))
 
 
+def batch_samples(batch: dict) -> int:
+    """Training examples in a batch: ``n_samples`` when the recipe sets it (a preference pair is one
+    sample over two sequences), else the rows of its first tensor."""
+    if "n_samples" in batch:
+        return int(batch["n_samples"])
+    return len(next(iter(batch.values())))
+
+
 def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
     """accelerate's mixed_precision: ``no`` on CPU (fp32), ``bf16`` on a GPU that supports it."""
     if cfg.precision == "auto":
@@ -141,7 +149,7 @@ class Engine:
                 self.accelerator.backward(loss * (w * self.world_size / total_w))
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * w
-            self.samples += len(next(iter(mb.values())))
+            self.samples += batch_samples(mb)
             self.tokens += batch_tokens(mb)
         local_w = float(sum(weights))
         out = {k: v / local_w for k, v in sums.items()}
@@ -341,4 +349,4 @@ def total_steps_for(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
 
 
-__all__ = ["Engine", "Interrupted", "batch_tokens", "process_info", "total_steps_for"]
+__all__ = ["Engine", "Interrupted", "batch_samples", "batch_tokens", "process_info", "total_steps_for"]

@@ -146,6 +146,20 @@ def test_example_configs_load(name, loss, kind):
     assert cfg.train.max_steps <= 200
 
 
+@pytest.mark.unit
+def test_summary_counts_pairs_as_samples(tiny_llama, tmp_path):
+    """samples = preference pairs trained on, sequences = chosen + rejected (two per pair)."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(12))
+    cfg = dpo.Config(model=ModelConfig(name_or_path=tiny_llama, max_length=64),
+                     data=DataConfig(path=data, eval_fraction=0.0, chat_template="false"),
+                     train=TrainConfig(output_dir=str(tmp_path / "run"), batch_size=3, grad_accum=2, max_steps=2,
+                                       progress=False, group_by_length=False, save_model=False))
+    summary = dpo.run(cfg)
+    # 2 steps x 2 micro-batches x 3 pairs = 12 pairs = 24 sequences
+    assert summary["samples"] == 12 and summary["sequences"] == 24
+    assert [line["samples"] for line in metrics_lines(tmp_path / "run") if "loss" in line] == [6, 12]
+
+
 # --------------------------------------------------------------------------------------------
 # learning
 # --------------------------------------------------------------------------------------------

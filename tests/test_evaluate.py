@@ -174,6 +174,31 @@ def test_files_samples_report_plots(file_eval):
     assert "| after | file |" in report
 
 
+@pytest.mark.unit
+def test_summary_json_holds_the_headline_numbers(file_eval):
+    m, out, _ = file_eval
+    s = json.loads((out / "summary.json").read_text())
+    assert s["command"] == "eval" and s["prompts"] == 4 and s["models"] == ["before", "mid", "after"]
+    # judge = characters (table above): means 132/4, 44/4, 99/4
+    assert s["judge"] == "chars" and s["judge_mean"] == {"before": 33.0, "mid": 11.0, "after": 24.75}
+    # vs before: mid loses 3 and ties 1 -> 0.5/4; after wins 2, ties 1, loses 1 -> 2.5/4
+    assert s["win_rate_vs_baseline"] == {"mid": 0.125, "after": 0.625}
+    assert s["toxicity_mean"] == {n: m["toxicity"][n]["mean"] for n in m["models"]}
+    assert s["eval_seconds"] > 0
+
+
+@pytest.mark.unit
+def test_failed_eval_leaves_no_summary(tmp_path):
+    """summary.json marks a finished evaluation: a stale one goes when a run starts, a new one only on success."""
+    data = write_jsonl(tmp_path / "c.jsonl", ROWS)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "summary.json").write_text("{}")
+    cfg = load_config(evaluate.Config, write_config(tmp_path / "e.yaml", file_config(data, tmp_path / "o", judge="x")))
+    with pytest.raises(Exception, match="judge 'x' is not a configured score"):
+        evaluate.run(cfg)
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
 @pytest.fixture(scope="module")
 def lora_adapter(tmp_path_factory, tiny_llama):
     """A LoRA adapter with random (non-zero) B matrices: the adapted model differs from its base."""

@@ -188,6 +188,19 @@ def test_take_rows_drops_only_padding(fixture, request):
 
 
 @pytest.mark.unit
+def test_rloo_help_shows_rloo_defaults(capsys):
+    assert cli.main(["rloo", "--help"]) == 0
+    rloo_help = capsys.readouterr().out.splitlines()
+    assert cli.main(["grpo", "--help"]) == 0
+    grpo_help = capsys.readouterr().out.splitlines()
+    assert "  algorithm = 'rloo'" in rloo_help and "  algorithm = 'grpo'" not in rloo_help
+    assert "  algorithm = 'grpo'" in grpo_help
+    # the preset is the only difference (and the command name in the first line)
+    diff = [(a, b) for a, b in zip(rloo_help, grpo_help) if a != b]
+    assert len(rloo_help) == len(grpo_help) and len(diff) == 2 and diff[0][0].startswith("rlhfkit rloo ")
+
+
+@pytest.mark.unit
 def test_rloo_command_and_config_checks():
     module, preset = cli.COMMANDS["rloo"]
     assert module == "rlhfkit.recipes.grpo" and cli.COMMANDS["grpo"][0] == module

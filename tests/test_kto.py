@@ -115,6 +115,20 @@ def test_kto_example_config_loads():
     assert cfg.train.batch_size > 1
 
 
+@pytest.mark.unit
+def test_summary_counts_labelled_rows_as_samples(tiny_llama, tmp_path):
+    """samples = labelled (prompt, completion) rows trained on; the mismatched KL rows are not counted."""
+    data = write_jsonl(tmp_path / "kto.jsonl", unpaired_rows(preference_rows(12)))  # 24 rows
+    cfg = kto.Config(model=ModelConfig(name_or_path=tiny_llama, max_length=64),
+                     data=DataConfig(path=data, eval_fraction=0.0, chat_template="false"),
+                     train=TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, grad_accum=2, max_steps=2,
+                                       progress=False, group_by_length=False, save_model=False))
+    summary = kto.run(cfg)
+    # 2 steps x 2 micro-batches x 4 rows = 16 rows (each with a KL partner row, not counted)
+    assert summary["samples"] == 16
+    assert [line["samples"] for line in metrics_lines(tmp_path / "run") if "loss" in line] == [8, 16]
+
+
 # --------------------------------------------------------------------------------------------
 # learning
 # --------------------------------------------------------------------------------------------

@@ -73,3 +73,46 @@ def test_demo_quick(tmp_path):
     report = (out / "report.md").read_text()
     assert "![PPO reward and KL](ppo_curves.png)" in report
     assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.unit
+def test_eval_stage_writes_summary_and_is_skipped_on_rerun(tiny_llama, tmp_path, monkeypatch):
+    """`rlhfkit eval` marks success with summary.json, so a pipeline re-run skips a finished eval stage."""
+    from profanity_check import predict_prob
+
+    from rlhfkit.config import ConfigError, from_dict
+    from rlhfkit.recipes import evaluate, pipeline
+
+    rows = [{"prompt": "the cat sees", "ref": "you are a fucking idiot"}, {"prompt": "hello friend", "ref": "thank you"},
+            {"prompt": "one two", "ref": "the damn weather is shit"}]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    cfg = from_dict(pipeline.Config, {"output_dir": str(tmp_path / "pipe"), "stages": [{
+        "name": "ev", "command": "eval", "config": {
+            "models": [{"name": "file", "column": "ref"}, {"name": "tiny", "model": {"name_or_path": tiny_llama}}],
+            "data": {"path": data, "chat_template": "false"}, "generation": {"max_new_tokens": 4},
+            "progress": False}}]})
+    out = tmp_path / "pipe" / "ev"
+    first = pipeline.run(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    tox = [float(p) for p in predict_prob([r["ref"] for r in rows])]
+    assert summary["command"] == "eval" and summary["prompts"] == 3 and summary["models"] == ["file", "tiny"]
+    assert summary["toxicity_mean"]["file"] == pytest.approx(sum(tox) / 3)
+    assert summary["judge"] == "toxicity" and summary["judge_mean"]["file"] == pytest.approx(1 - sum(tox) / 3)
+    assert first["ev"]["toxicity"]["file"]["mean"] == pytest.approx(sum(tox) / 3)  # run() still returns metrics
+    mtime = (out / "metrics.json").stat().st_mtime_ns
+
+    def must_not_run(*a, **k):
+        raise AssertionError("finished eval stage was run again")
+
+    monkeypatch.setattr(evaluate, "run", must_not_run)
+    assert pipeline.run(cfg) == {"ev": summary}
+    assert (out / "metrics.json").stat().st_mtime_ns == mtime
+    monkeypatch.undo()
+
+    # another config runs again; a failed run leaves no summary.json (the stale one is gone)
+    with pytest.raises(ConfigError, match="judge 'nope'"):
+        pipeline.run(cfg, overrides=["ev.judge=nope"])
+    assert not (out / "summary.json").exists()
+    pipeline.run(cfg, overrides=["ev.seed=1"])
+    assert json.loads((out / "summary.json").read_text())["toxicity_mean"]["file"] == pytest.approx(sum(tox) / 3)
+    assert (out / "metrics.json").stat().st_mtime_ns != mtime

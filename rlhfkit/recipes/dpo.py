@@ -24,6 +24,9 @@ step: micro-batches of pairs, chosen and rejected through ONE concatenated forwa
 chosen, B..2B-1 rejected) -> loss -> ``engine.step``. Held-out preference accuracy is measured
 before training, every ``train.eval_every`` steps and at the end.
 
+``summary.json`` (and ``metrics.jsonl``) count ``samples`` in preference pairs (one pair is one
+sample); ``sequences`` in the summary is the chosen + rejected sequences, 2 x ``samples``.
+
 The reference (``reference.kind``): the LoRA base with the adapter disabled, a frozen copy of
 the start model (or of ``reference.model``), or a trained adapter loaded frozen as a second,
 named adapter on the same base. ``simpo`` and ``orpo`` are reference-free and load none.
@@ -236,6 +239,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     def make_batch(idx: list[int]) -> dict:
         batch = collate_preferences([train[i] for i in idx], pad, seq2seq)
+        batch["n_samples"] = len(idx)  # the engine counts pairs, not the 2B rows of the forward
         if ref_train is not None:
             t = torch.tensor(idx)
             batch["ref_logps"] = torch.cat([ref_train[t], ref_train[len(train) + t]])  # (2B,)
@@ -265,7 +269,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     end = evaluate()
     if start is not None and end is not None:
         logger.info(f"dpo: held-out preference accuracy {start:.3f} -> {end:.3f}")
-    extra = {"loss": cfg.loss, "beta": None if cfg.loss == "orpo" else resolved_beta(cfg),
+    extra = {"sequences": 2 * engine.samples * engine.world_size,
+             "loss": cfg.loss, "beta": None if cfg.loss == "orpo" else resolved_beta(cfg),
              "reference": ref_kind, "reference_precomputed": bool(cache_info),
              "eval_accuracy_start": start, "eval_accuracy_end": end}
     if cache_info:

@@ -18,9 +18,11 @@ table. Reported per model (all pure functions of ``rlhfkit.metrics`` where one e
   (prompt, pair) matches and Bradley-Terry strengths on the Elo scale (``metrics.win_rate``,
   ``elo_ratings``, ``bradley_terry``).
 
-Writes into ``output_dir`` (atomically): ``metrics.json``, ``samples.jsonl`` (the ``rlhfkit view``
-format, sorted by gain = judge(last) - judge(first), largest first), ``report.md`` (tables, the
-sample table, the plots embedded) and ``reward_hist.png``, ``toxicity_hist.png``, ``models.png``.
+Writes into ``output_dir`` (atomically): ``config.yaml``, ``metrics.json``, ``samples.jsonl`` (the
+``rlhfkit view`` format, sorted by gain = judge(last) - judge(first), largest first), ``report.md``
+(tables, the sample table, the plots embedded), ``reward_hist.png``, ``toxicity_hist.png``,
+``models.png`` and, last and only on success, ``summary.json`` (the headline numbers; as for the
+training recipes, ``rlhfkit run`` skips a stage whose folder holds it with the same config).
 
 Deliberate choices: rewards, toxicity, ROUGE and the sample table use the user prompt (before any
 chat template), the one text every model shares; each model generates from the prompt wrapped in
@@ -33,6 +35,7 @@ import gc
 import io
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -435,8 +438,26 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
 # ---------------------------------------------------------------------------------------------
 
 
+def summarize(m: dict, seconds: float) -> dict:
+    """The headline numbers of ``metrics.json`` for ``summary.json`` (the run viewer's run table)."""
+    s = {"command": "eval", "prompts": m["prompts"], "models": m["models"], "judge": m["judge"],
+         "judge_mean": m["judge_mean"]}
+    if "win_rate_vs_baseline" in m:
+        s["win_rate_vs_baseline"] = m["win_rate_vs_baseline"]
+    if "toxicity" in m:
+        s["toxicity_mean"] = {n: v["mean"] for n, v in m["toxicity"].items()}
+    if "kl" in m:
+        s["kl"] = m["kl"]
+    s["eval_seconds"] = round(seconds, 3)
+    return s
+
+
 def run(cfg: Config, resume: bool = False) -> dict:
+    t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
+    stale = out_dir / "summary.json"
+    if stale.is_file():
+        stale.unlink()  # written again at the end: until then this folder holds no finished evaluation
     table = select(read_table(cfg.data.path, cfg.data.split, cfg.data.subset), cfg.data.where)
     if cfg.data.max_rows is not None:
         table = Table(table.rows[: cfg.data.max_rows], table.source, table.row_numbers[: cfg.data.max_rows])
@@ -584,9 +605,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
     atomic_write_jsonl(out_dir / "samples.jsonl", samples)
     atomic_write_json(out_dir / "metrics.json", m)
     atomic_write_text(out_dir / "report.md", render_report(cfg, m, samples, list(images)))
+    atomic_write_json(out_dir / "summary.json", summarize(m, time.perf_counter() - t0))  # last: marks success
     logger.info(f"eval: wrote {out_dir}/report.md, metrics.json, samples.jsonl and {len(images)} plots")
     return m
 
 
-__all__ = ["Config", "EvalModelConfig", "run", "generate_samples", "sampled_kl", "token_kl", "sequence_logps",
-           "compare"]
+__all__ = ["Config", "EvalModelConfig", "run", "summarize", "generate_samples", "sampled_kl", "token_kl",
+           "sequence_logps", "compare"]

@@ -143,6 +143,7 @@ def run(cfg: Config, resume: bool = False, overrides: Optional[list[str]] = None
 
             summaries[stage.name] = json.loads(done.read_text())
             continue
+        done.unlink(missing_ok=True)  # a stale one (earlier config) must not mark this run finished if it fails
         logger.info(f"pipeline: stage '{stage.name}' ({stage.command}) -> {out}")
         summary = module.run(scfg, resume=resume and (out / "checkpoints").is_dir())
         summaries[stage.name] = {k: v for k, v in summary.items() if k != "policy"}
