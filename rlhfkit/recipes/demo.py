@@ -27,7 +27,7 @@ def quick_overrides(folder: Path) -> list[str]:
     from rlhfkit.tiny import save_tiny
 
     tiny = save_tiny("gpt2", folder / "tiny-gpt2")
-    return [f"ppo.model.name_or_path={tiny}", "ppo.train.max_steps=3", "ppo.rollout_batch_size=8",
+    return [f"ppo.model.name_or_path={tiny}", "ppo.train.max_steps=3", "ppo.rollout_batch_size=8", "ppo.train.batch_size=4",
             "ppo.train.checkpoint_every=0", "ppo.generation.max_new_tokens=8", "ppo.data.max_rows=32",
             "ppo.data.max_prompt_length=64",
             f"eval.models=[{{name: before, model: {{name_or_path: '{tiny}'}}}}, {{name: after, model: "
