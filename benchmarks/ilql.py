@@ -160,6 +160,7 @@ def speed(model: str, runs: int, warmup: int = 5, steps: int = 30, batch: int = 
     lm, tok = load_policy(ModelConfig(name_or_path=model, dtype="float32"))
     n_params = sum(p.numel() for p in lm.parameters())
     cfg = ilql.Config()
+    ilql.fuse_gelu(lm)  # as train_samples does
     if cfg.disable_dropout:  # the recipe's default
         ilql.disable_dropout(lm)
     policy = ilql.ILQLModel(lm, two_qs=cfg.two_qs, kind=cfg.heads)
@@ -190,6 +191,7 @@ def speed(model: str, runs: int, warmup: int = 5, steps: int = 30, batch: int = 
     steppers = {"rlhfkit": stepper(engine)}
     if trlx:  # ours with the model's dropout kept, as trlX ran
         dropout_lm, _ = load_policy(ModelConfig(name_or_path=model, dtype="float32"))
+        ilql.fuse_gelu(dropout_lm)
         engine_d = Engine(TrainConfig(output_dir=tempfile.mkdtemp(prefix="ilql-bench-"), progress=False, lr=1e-4,
                                       cpu=True, precision="fp32"), "ilql", cfg, ilql.ILQLModel(dropout_lm),
                           total_steps=runs * (warmup + steps))
