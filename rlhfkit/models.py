@@ -233,6 +233,13 @@ class PolicyModel(nn.Module):
     and log-softmax is taken in chunks, so the full (B, T, V) log-softmax never exists. Models
     whose head does more than a linear map (logit soft-capping, scaling) take the plain forward.
     Training loops wrap this module (not the bare LM) so DDP sees one forward.
+
+    Causal batches are compacted before the forward: each row's real tokens (``attention_mask``)
+    move to the front, in order, so the model runs on (B, max real length) instead of (B, T).
+    The shared layout of ``rlhfkit.data.collate`` (prompts left-padded, completions right-padded
+    so all completions start at one column) otherwise costs up to twice the compute; the
+    outputs are put back in the caller's layout, and position ids count real tokens either way,
+    so only float rounding changes.
     """
 
     def __init__(self, lm: nn.Module, value_head: bool = False, chunk_tokens: int = 2048):
@@ -268,6 +275,10 @@ class PolicyModel(nn.Module):
         else:
             hf = unwrap(self.lm)
             if position_ids is None and attention_mask is not None:
+                real = attention_mask.bool()  # (B, T)
+                width = int(real.sum(-1).max()) if real.numel() else 0
+                if 0 < width < real.shape[1] and not bool((mask & ~real).any()):
+                    return self._compacted(input_ids, labels, real, width, with_entropy)
                 # left padding: count positions from each row's first real token, as generate() does;
                 # models with absolute position embeddings (GPT-2) otherwise depend on the padding
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -277,9 +288,11 @@ class PolicyModel(nn.Module):
                 out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False)
                 h = out.last_hidden_state  # (B, T, H)
-                hidden = torch.zeros_like(h)
-                hidden[:, 1:] = h[:, :-1]  # hidden[t] = state that predicts token t
-                logits = hf.get_output_embeddings()(hidden[sel])  # (N, V)
+                hidden = None
+                logits = hf.get_output_embeddings()(h[:, :-1][sel[:, 1:]])  # (N, V): state t - 1 predicts token t
+                if self.value_head is not None:
+                    hidden = torch.zeros_like(h)
+                    hidden[:, 1:] = h[:, :-1]  # hidden[t] = state that predicts token t
             else:
                 out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               output_hidden_states=self.value_head is not None, use_cache=False)
@@ -299,6 +312,16 @@ class PolicyModel(nn.Module):
         if self.value_head is not None:
             result["values"] = self.value_head(hidden) * sel  # (B, T)
         return result
+
+    def _compacted(self, input_ids: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, width: int,
+                   with_entropy: bool) -> dict[str, torch.Tensor]:
+        """The forward on each row's real tokens moved to the front (B, width); outputs back in (B, T)."""
+        B, T = real.shape
+        keep = torch.arange(width, device=real.device)[None, :] < real.sum(-1, keepdim=True)  # (B, width)
+        ids = input_ids.new_zeros((B, width)).masked_scatter(keep, input_ids[real])  # (B, width)
+        lab = labels.new_full((B, width), -100).masked_scatter(keep, labels[real])  # (B, width)
+        out = self.forward(ids, lab, keep.long(), with_entropy=with_entropy)
+        return {k: v.new_zeros((B, T)).masked_scatter(real, v[keep]) for k, v in out.items()}  # (B, T) each
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048,

@@ -86,6 +86,40 @@ def test_policy_logprobs_equal_plain_forward(kind, request):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
+def test_compacted_forward_equals_padded_forward(kind, request):
+    """PolicyModel moves each row's real tokens to the front before the forward (collate's layout
+    pads prompts on the left and completions on the right). Passing position_ids skips that: both
+    must give the same outputs, in the caller's layout, and the same gradients."""
+    model, tok = load(request.getfixturevalue(kind))
+    model.train()
+    policy = PolicyModel(model, value_head=True)
+    batch = collate(examples(tok, False), tok.pad_token_id, False)
+    real = batch["attention_mask"].bool()
+    assert int(real.sum(-1).max()) < real.shape[1]  # the layout really wastes columns here
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+    def run(**extra):
+        model.zero_grad(set_to_none=True)
+        policy.value_head.zero_grad(set_to_none=True)
+        out = policy(**batch, with_entropy=True, **extra)
+        ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    compact, g_compact = run()
+    padded, g_padded = run(position_ids=position_ids)
+    assert set(compact) == set(padded) == {"logps", "mask", "entropy", "values"}
+    assert torch.equal(compact["mask"], padded["mask"])
+    for k in ("logps", "entropy", "values"):
+        assert compact[k].shape == batch["labels"].shape
+        torch.testing.assert_close(compact[k], padded[k], atol=1e-5, rtol=0)
+    assert g_compact.keys() == g_padded.keys() and len(g_compact) > 0
+    for n in g_compact:
+        torch.testing.assert_close(g_compact[n], g_padded[n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.unit
 def test_policy_entropy_equals_full_softmax_entropy(tiny_llama):
     model, tok = load(tiny_llama)
     batch = collate(examples(tok, False), tok.pad_token_id, False)
