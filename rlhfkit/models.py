@@ -525,7 +525,8 @@ def load_value_head(model: PolicyModel, folder: str | os.PathLike) -> None:
 
 __all__ = [
     "PolicyModel", "PrefixTree", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer",
-    "prefix_sharing_supported", "prefix_tree", "prefix_tree_states", "save_pretrained", "token_logprobs", "unwrap", "pick_device", "resolve_dtype", "is_seq2seq_config",
+    "prefix_sharing_supported", "prefix_tree", "prefix_tree_states", "save_pretrained", "token_logprobs", "unwrap",
+    "pick_device", "resolve_dtype", "is_seq2seq_config",
 ]
 
 
