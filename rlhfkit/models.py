@@ -431,7 +431,9 @@ def prefix_tree(rows: list[list[int]], prefix_lens: list[int], min_shared: float
     """Group the rows whose first ``prefix_lens[b]`` tokens are equal into one tree row each.
 
     Returns None when sharing would skip fewer than ``min_shared`` of all tokens (then the plain
-    padded forward is as good).
+    padded forward is as good), or when the tree rows get so long that their attention area
+    (R L^2) exceeds four times that of the rows padded to the longest one (many long completions
+    per prompt: attention and the (R, 1, L, L) mask would cost more than the prompt saves).
     """
     groups: dict[tuple, list[int]] = {}
     for b, (r, p) in enumerate(zip(rows, prefix_lens)):
@@ -451,6 +453,8 @@ def prefix_tree(rows: list[list[int]], prefix_lens: list[int], min_shared: float
             toks, pos, seg = toks + list(rest), pos + list(range(p, p + len(rest))), seg + [k] * len(rest)
         seqs.append((toks, pos, seg))
     L = max(len(t) for t, _, _ in seqs)
+    if len(seqs) * L ** 2 > 4 * len(rows) * max(len(r) for r in rows) ** 2:
+        return None
     ids = torch.zeros((len(seqs), L), dtype=torch.long)  # (R, L)
     positions = torch.zeros((len(seqs), L), dtype=torch.long)  # (R, L)
     segments = torch.full((len(seqs), L), -1, dtype=torch.long)  # (R, L)

@@ -175,6 +175,10 @@ def test_prefix_tree_layout_by_hand():
     assert add[0, 0, 4].tolist()[:2] == [0.0, 0.0] and add[0, 0, 4, 2] == torch.finfo(torch.float32).min
     # 2 shared tokens of 10: below a 30% threshold nothing is shared
     assert prefix_tree([[1, 2, 3, 4], [1, 2, 5], [7, 8, 9]], [2, 2, 1], min_shared=0.3) is None
+    # 8 long completions of one short prompt: one row of 2 + 8 x 10 tokens has 82^2 > 4 x 8 x 12^2 attention
+    many = [[1, 2] + [10 + k] * 10 for k in range(8)]
+    assert prefix_tree(many, [2] * 8, min_shared=0.0) is None
+    assert prefix_tree(many[:2], [2] * 2, min_shared=0.0) is not None  # 22^2 <= 4 x 2 x 12^2
 
 
 @pytest.mark.unit
