@@ -8,6 +8,7 @@ only when ``model.trust_remote_code`` is set.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -233,10 +234,24 @@ class PolicyModel(nn.Module):
     and log-softmax is taken in chunks, so the full (B, T, V) log-softmax never exists. Models
     whose head does more than a linear map (logit soft-capping, scaling) take the plain forward.
     Training loops wrap this module (not the bare LM) so DDP sees one forward.
+
+    Causal batches are compacted before the forward: each row's real tokens (``attention_mask``)
+    move to the front, in order, so the model runs on (B, max real length) instead of (B, T).
+    The shared layout of ``rlhfkit.data.collate`` (prompts left-padded, completions right-padded
+    so all completions start at one column) otherwise costs up to twice the compute; the
+    outputs are put back in the caller's layout, and position ids count real tokens either way,
+    so only float rounding changes.
+
+    Rows that share a prompt (the real tokens before the first label: DPO's chosen and rejected,
+    GRPO's group of samples, KTO's row and its KL pair) go through one forward as a prefix tree
+    (:func:`prefix_tree`): the prompt once, then each completion attending to the prompt and to
+    itself, where that saves at least ``min_shared`` of the tokens and the model passes
+    :func:`prefix_sharing_supported`.
     """
 
-    def __init__(self, lm: nn.Module, value_head: bool = False, chunk_tokens: int = 2048):
+    def __init__(self, lm: nn.Module, value_head: bool = False, chunk_tokens: int = 2048, min_shared: float = 0.1):
         super().__init__()
+        self.min_shared = min_shared
         self.lm = lm
         hf = unwrap(lm)
         self.is_seq2seq = is_seq2seq_config(hf.config)
@@ -268,6 +283,14 @@ class PolicyModel(nn.Module):
         else:
             hf = unwrap(self.lm)
             if position_ids is None and attention_mask is not None:
+                real = attention_mask.bool()  # (B, T)
+                width = int(real.sum(-1).max()) if real.numel() else 0
+                if width > 0 and not bool((mask & ~real).any()):
+                    shared = self._shared_prompts(input_ids, labels, real, with_entropy) if self._plain_head else None
+                    if shared is not None:
+                        return shared
+                    if width < real.shape[1]:
+                        return self._compacted(input_ids, labels, real, width, with_entropy)
                 # left padding: count positions from each row's first real token, as generate() does;
                 # models with absolute position embeddings (GPT-2) otherwise depend on the padding
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -277,9 +300,11 @@ class PolicyModel(nn.Module):
                 out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False)
                 h = out.last_hidden_state  # (B, T, H)
-                hidden = torch.zeros_like(h)
-                hidden[:, 1:] = h[:, :-1]  # hidden[t] = state that predicts token t
-                logits = hf.get_output_embeddings()(hidden[sel])  # (N, V)
+                hidden = None
+                logits = hf.get_output_embeddings()(h[:, :-1][sel[:, 1:]])  # (N, V): state t - 1 predicts token t
+                if self.value_head is not None:
+                    hidden = torch.zeros_like(h)
+                    hidden[:, 1:] = h[:, :-1]  # hidden[t] = state that predicts token t
             else:
                 out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               output_hidden_states=self.value_head is not None, use_cache=False)
@@ -298,6 +323,53 @@ class PolicyModel(nn.Module):
             result["entropy"] = torch.zeros_like(logps).masked_scatter(sel, ent)
         if self.value_head is not None:
             result["values"] = self.value_head(hidden) * sel  # (B, T)
+        return result
+
+    def _compacted(self, input_ids: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, width: int,
+                   with_entropy: bool) -> dict[str, torch.Tensor]:
+        """The forward on each row's real tokens moved to the front (B, width); outputs back in (B, T)."""
+        B, T = real.shape
+        keep = torch.arange(width, device=real.device)[None, :] < real.sum(-1, keepdim=True)  # (B, width)
+        ids = input_ids.new_zeros((B, width)).masked_scatter(keep, input_ids[real])  # (B, width)
+        lab = labels.new_full((B, width), -100).masked_scatter(keep, labels[real])  # (B, width)
+        out = self.forward(ids, lab, keep.long(), with_entropy=with_entropy)
+        return {k: v.new_zeros((B, T)).masked_scatter(real, v[keep]) for k, v in out.items()}  # (B, T) each
+
+    def _shared_prompts(self, input_ids: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
+                        with_entropy: bool) -> Optional[dict[str, torch.Tensor]]:
+        """The forward as a prefix tree over rows with the same prompt; None when not worth it."""
+        B, T = labels.shape
+        rows, labs, cols = [], [], []
+        for b in range(B):
+            c = real[b].nonzero().flatten()  # (n_b,) columns of the real tokens
+            cols.append(c)
+            rows.append(input_ids[b, c].tolist())
+            labs.append(labels[b, c])
+        prompt_lens = [int((lab != -100).nonzero()[0]) if bool((lab != -100).any()) else len(lab) for lab in labs]
+        tree = prefix_tree(rows, prompt_lens, self.min_shared)
+        if tree is None:
+            return None
+        hf = unwrap(self.lm)
+        if not prefix_sharing_supported(hf):
+            return None
+        flat = prefix_tree_states(hf.base_model, tree)  # (R * L, H)
+        src, targets = [], []
+        sel = torch.zeros_like(real)  # (B, T): the positions that get a log-prob
+        for b in range(B):
+            j = (labs[b][1:] != -100).nonzero().flatten() + 1  # real tokens with a label (not the first)
+            where = torch.tensor(tree.where[b], dtype=torch.long, device=flat.device)
+            src.append(where[j - 1])  # the state of the previous real token predicts token j
+            targets.append(labs[b][j])
+            sel[b, cols[b][j]] = True
+        hidden = flat[torch.cat(src)]  # (N, H), in the row-major order of sel
+        logits = hf.get_output_embeddings()(hidden)  # (N, V)
+        lp, ent = token_logprobs(logits, torch.cat(targets), self.chunk_tokens, with_entropy)
+        result = {"logps": torch.zeros((B, T), dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp), "mask": sel}
+        if with_entropy:
+            result["entropy"] = torch.zeros_like(result["logps"]).masked_scatter(sel, ent)
+        if self.value_head is not None:
+            v = self.value_head(hidden)  # (N,)
+            result["values"] = torch.zeros((B, T), dtype=v.dtype, device=v.device).masked_scatter(sel, v)
         return result
 
 
@@ -321,6 +393,132 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 204
     return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
 
 
+# ---------------------------------------------------------------------------------------------
+# Shared prompts: one forward over a prompt and every continuation of it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefixTree:
+    """Rows that start with the same tokens, laid out as one sequence per group: the shared prefix
+    once, then each row's remainder. A remainder attends to the prefix and to itself (causally),
+    never to the other remainders, and its position ids continue from the prefix, so every row's
+    hidden states are those of its own plain forward; the prefix is computed once per group."""
+
+    input_ids: torch.Tensor
+    """(R, L) one row per group, right-padded."""
+    position_ids: torch.Tensor
+    """(R, L) 0..p-1 on the prefix, p.. again on each remainder."""
+    segments: torch.Tensor
+    """(R, L) 0 on the prefix, k on the k-th remainder, -1 on padding."""
+    where: list[list[int]]
+    """where[b][j]: index into the flattened (R * L) states of row b's j-th token."""
+
+    def attention_mask(self, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
+        """(R, 1, L, L): True (or 0.0) where a query may attend to a key, else False (or the dtype's min)."""
+        R, L = self.segments.shape
+        ar = torch.arange(L, device=self.segments.device)
+        sq, sk = self.segments[:, :, None], self.segments[:, None, :]  # (R, L, 1), (R, 1, L)
+        allowed = (ar[None, None, :] <= ar[None, :, None]) & (sk >= 0) & ((sk == 0) | (sk == sq))  # (R, L, L)
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=allowed.device)  # padding sees itself: no empty row
+        if boolean:
+            return allowed[:, None]
+        return torch.zeros((R, 1, L, L), dtype=dtype, device=allowed.device).masked_fill(~allowed[:, None],
+                                                                                            torch.finfo(dtype).min)
+
+
+def prefix_tree(rows: list[list[int]], prefix_lens: list[int], min_shared: float = 0.1) -> Optional[PrefixTree]:
+    """Group the rows whose first ``prefix_lens[b]`` tokens are equal into one tree row each.
+
+    Returns None when sharing would skip fewer than ``min_shared`` of all tokens (then the plain
+    padded forward is as good), or when the tree rows get so long that their attention area
+    (R L^2) exceeds four times that of the rows padded to the longest one (many long completions
+    per prompt: attention and the (R, 1, L, L) mask would cost more than the prompt saves).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for b, (r, p) in enumerate(zip(rows, prefix_lens)):
+        groups.setdefault(tuple(r[:p]) if p > 0 else ("row", b), []).append(b)
+    shared = {key: g for key, g in groups.items() if len(g) > 1 and key[:1] != ("row",)}
+    total = sum(len(r) for r in rows)
+    if total == 0 or sum((len(g) - 1) * len(key) for key, g in shared.items()) < min_shared * total:
+        return None
+    seqs: list[tuple[list[int], list[int], list[int]]] = []  # (tokens, positions, segments) per tree row
+    local: list[tuple[int, list[int]]] = [(0, [])] * len(rows)  # (tree row, columns) of each input row
+    for key, g in groups.items():
+        p = len(key) if key in shared else len(rows[g[0]])
+        toks, pos, seg = list(rows[g[0]][:p]), list(range(p)), [0] * p
+        for k, b in enumerate(g, start=1):
+            rest = rows[b][p:]
+            local[b] = (len(seqs), list(range(p)) + list(range(len(toks), len(toks) + len(rest))))
+            toks, pos, seg = toks + list(rest), pos + list(range(p, p + len(rest))), seg + [k] * len(rest)
+        seqs.append((toks, pos, seg))
+    L = max(len(t) for t, _, _ in seqs)
+    if len(seqs) * L ** 2 > 4 * len(rows) * max(len(r) for r in rows) ** 2:
+        return None
+    ids = torch.zeros((len(seqs), L), dtype=torch.long)  # (R, L)
+    positions = torch.zeros((len(seqs), L), dtype=torch.long)  # (R, L)
+    segments = torch.full((len(seqs), L), -1, dtype=torch.long)  # (R, L)
+    for r, (t, pos, seg) in enumerate(seqs):
+        ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+        positions[r, : len(t)] = torch.tensor(pos, dtype=torch.long)
+        segments[r, : len(t)] = torch.tensor(seg, dtype=torch.long)
+    return PrefixTree(ids, positions, segments, [[r * L + c for c in cols] for r, cols in local])
+
+
+def prefix_tree_states(body: nn.Module, tree: PrefixTree) -> torch.Tensor:
+    """Last hidden states (R * L, H) of ``body`` (a decoder without its LM head) over ``tree``."""
+    device = next(body.parameters()).device
+    impl = getattr(body.config, "_attn_implementation", "eager")
+    mask = tree.attention_mask(boolean=impl == "sdpa", dtype=next(body.parameters()).dtype).to(device)
+    out = body(input_ids=tree.input_ids.to(device), attention_mask=mask, position_ids=tree.position_ids.to(device),
+               use_cache=False)
+    h = out.last_hidden_state  # (R, L, H)
+    return h.reshape(-1, h.shape[-1])
+
+
+_PREFIX_SUPPORT: dict[tuple, bool] = {}
+
+
+def prefix_sharing_supported(hf: nn.Module) -> bool:
+    """Whether ``hf`` (a causal LM) honours a 4D attention mask and position ids, checked once per
+    model class and attention implementation on a tiny input against plain forwards."""
+    impl = getattr(hf.config, "_attn_implementation", None)
+    key = (type(hf), impl)
+    if key not in _PREFIX_SUPPORT:
+        ok = impl in ("sdpa", "eager") and hasattr(hf, "base_model") and hf.get_output_embeddings() is not None
+        if ok:
+            ok = _probe_prefix_sharing(hf)
+        if not ok:
+            from rlhfkit.utils import logger
+
+            logger.info(f"{type(hf).__name__} ({impl}): rows that share a prompt are scored separately")
+        _PREFIX_SUPPORT[key] = ok
+    return _PREFIX_SUPPORT[key]
+
+
+@torch.no_grad()
+def _probe_prefix_sharing(hf: nn.Module) -> bool:
+    body = hf.base_model
+    was = body.training
+    body.eval()
+    try:
+        vocab = hf.get_output_embeddings().weight.shape[0]
+        rows = [[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab], [1 % vocab, 2 % vocab, 5 % vocab]]
+        tree = prefix_tree(rows, [2, 2], 0.0)
+        flat = prefix_tree_states(body, tree).float()
+        device = flat.device
+        for b, r in enumerate(rows):
+            plain = body(input_ids=torch.tensor([r], device=device), use_cache=False).last_hidden_state[0].float()
+            got = flat[torch.tensor(tree.where[b], device=device)]
+            if not torch.allclose(got, plain, atol=1e-3 + 1e-2 * float(plain.abs().max()), rtol=0):
+                return False
+        return True
+    except Exception:  # an architecture that rejects 4D masks or position ids
+        return False
+    finally:
+        body.train(was)
+
+
 def load_value_head(model: PolicyModel, folder: str | os.PathLike) -> None:
     from safetensors.torch import load_file
 
@@ -330,8 +528,9 @@ def load_value_head(model: PolicyModel, folder: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "PolicyModel", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer", "save_pretrained",
-    "token_logprobs", "unwrap", "pick_device", "resolve_dtype", "is_seq2seq_config",
+    "PolicyModel", "PrefixTree", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer",
+    "prefix_sharing_supported", "prefix_tree", "prefix_tree_states", "save_pretrained", "token_logprobs", "unwrap",
+    "pick_device", "resolve_dtype", "is_seq2seq_config",
 ]
 
 

@@ -29,7 +29,8 @@ def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "." for _ in range(n)]
 
 
-def build_tokenizer(seq2seq: bool = False, chat: bool = False, vocab_size: int = 320):
+def build_tokenizer(seq2seq: bool = False, chat: bool = False, vocab_size: int = 320, texts: list[str] | None = None):
+    """A byte-level BPE of at most ``vocab_size`` tokens trained on ``texts`` (default: :func:`corpus`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +39,7 @@ def build_tokenizer(seq2seq: bool = False, chat: bool = False, vocab_size: int =
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(texts if texts is not None else corpus(), trainer)
     if seq2seq:  # T5 style: every encoded text ends with </s>
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
@@ -48,26 +49,27 @@ def build_tokenizer(seq2seq: bool = False, chat: bool = False, vocab_size: int =
     return fast
 
 
-def build_model(kind: str, vocab_size: int, seed: int = 0):
+def build_model(kind: str, vocab_size: int, seed: int = 0, **overrides):
     """Random tiny models; initializer_range 0.2 (not 0.02) so that LoRA on a frozen random
-    network can still move its outputs, as it can on a pretrained one."""
+    network can still move its outputs, as it can on a pretrained one. ``overrides`` replace
+    config fields (e.g. ``hidden_size=256, num_hidden_layers=4`` for the benchmark's Llama)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-        return GPT2LMHeadModel(cfg)
+        kw = dict(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=256, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        return GPT2LMHeadModel(GPT2Config(**{**kw, **overrides}))
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                          bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
-        return LlamaForCausalLM(cfg)
+        kw = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+        return LlamaForCausalLM(LlamaConfig(**{**kw, **overrides}))
     if kind == "t5":
-        cfg = T5Config(vocab_size=vocab_size, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-                       dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        return T5ForConditionalGeneration(cfg)
+        kw = dict(vocab_size=vocab_size, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                  dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        return T5ForConditionalGeneration(T5Config(**{**kw, **overrides}))
     raise ValueError(kind)
 
 

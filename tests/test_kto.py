@@ -201,3 +201,16 @@ def test_kto_precomputed_reference_equals_live(tiny_llama, tmp_path):
         assert pre[1][key] == pytest.approx(live[1][key], abs=1e-6), key
         assert again[1][key] == pre[1][key], key
     assert pre[0]["eval/rewards_desirable"] == pytest.approx(live[0]["eval/rewards_desirable"], abs=1e-6)
+
+
+@pytest.mark.unit
+def test_concat_batches_pads_the_narrower_batch():
+    from rlhfkit.recipes._preference import concat_batches
+
+    a = collate([Example([5, 6], [7, 1])], 0, False)  # width 4
+    b = collate([Example([8], [9, 10, 11, 1])], 0, False)  # width 5
+    both = concat_batches({**a, "desirable": torch.tensor([True])}, b)
+    assert set(both) == {"input_ids", "attention_mask", "labels"}
+    assert both["input_ids"].tolist() == [[5, 6, 7, 1, 0], [8, 9, 10, 11, 1]]
+    assert both["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert both["labels"].tolist() == [[-100, -100, 7, 1, -100], [-100, 9, 10, 11, 1]]

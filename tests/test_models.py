@@ -86,6 +86,102 @@ def test_policy_logprobs_equal_plain_forward(kind, request):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
+def test_compacted_forward_equals_padded_forward(kind, request):
+    """PolicyModel moves each row's real tokens to the front before the forward (collate's layout
+    pads prompts on the left and completions on the right). Passing position_ids skips that: both
+    must give the same outputs, in the caller's layout, and the same gradients."""
+    model, tok = load(request.getfixturevalue(kind))
+    model.train()
+    policy = PolicyModel(model, value_head=True)
+    batch = collate(examples(tok, False), tok.pad_token_id, False)
+    real = batch["attention_mask"].bool()
+    assert int(real.sum(-1).max()) < real.shape[1]  # the layout really wastes columns here
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+    def run(**extra):
+        model.zero_grad(set_to_none=True)
+        policy.value_head.zero_grad(set_to_none=True)
+        out = policy(**batch, with_entropy=True, **extra)
+        ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    compact, g_compact = run()
+    padded, g_padded = run(position_ids=position_ids)
+    assert set(compact) == set(padded) == {"logps", "mask", "entropy", "values"}
+    assert torch.equal(compact["mask"], padded["mask"])
+    for k in ("logps", "entropy", "values"):
+        assert compact[k].shape == batch["labels"].shape
+        torch.testing.assert_close(compact[k], padded[k], atol=1e-5, rtol=0)
+    assert g_compact.keys() == g_padded.keys() and len(g_compact) > 0
+    for n in g_compact:
+        torch.testing.assert_close(g_compact[n], g_padded[n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
+def test_shared_prompt_forward_equals_padded_forward(kind, request):
+    """Rows with the same prompt (DPO's chosen/rejected, a GRPO group) go through one prefix-tree
+    forward; outputs and gradients must equal the plain padded forward's."""
+    from rlhfkit.models import prefix_sharing_supported
+
+    model, tok = load(request.getfixturevalue(kind))
+    model.train()
+    assert prefix_sharing_supported(model)
+    policy = PolicyModel(model, value_head=True)
+    exs = examples(tok, False)
+    c = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (" a dog", " two cats and a bird")]
+    rows = exs + [Example(exs[0].prompt_ids, c[0]), Example(exs[0].prompt_ids, c[1]), Example(exs[2].prompt_ids, c[0])]
+    batch = collate(rows, tok.pad_token_id, False)
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+    def run(**extra):
+        model.zero_grad(set_to_none=True)
+        policy.value_head.zero_grad(set_to_none=True)
+        out = policy(**batch, with_entropy=True, **extra)
+        ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    calls = []
+    original = policy._shared_prompts
+    policy._shared_prompts = lambda *a: calls.append(1) or original(*a)
+    shared, g_shared = run()
+    assert calls and original(batch["input_ids"], batch["labels"], batch["attention_mask"].bool(), False) is not None
+    padded, g_padded = run(position_ids=position_ids)
+    assert torch.equal(shared["mask"], padded["mask"])
+    for k in ("logps", "entropy", "values"):
+        torch.testing.assert_close(shared[k], padded[k], atol=1e-5, rtol=0)
+    assert g_shared.keys() == g_padded.keys() and len(g_shared) > 0
+    for n in g_shared:
+        torch.testing.assert_close(g_shared[n], g_padded[n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.unit
+def test_prefix_tree_layout_by_hand():
+    from rlhfkit.models import prefix_tree
+
+    tree = prefix_tree([[1, 2, 3, 4], [1, 2, 5], [7, 8, 9]], [2, 2, 1], min_shared=0.0)
+    assert tree.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]
+    assert tree.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 0, 0]]
+    assert tree.segments.tolist() == [[0, 0, 1, 1, 2], [0, 0, 0, -1, -1]]
+    assert tree.where == [[0, 1, 2, 3], [0, 1, 4], [5, 6, 7]]
+    m = tree.attention_mask(boolean=True, dtype=torch.float32)
+    assert m[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
+                                      [1, 1, 0, 0, 1]]  # token 5 sees the prompt and itself, not 3 and 4
+    assert m[1, 0, 4].int().tolist() == [1, 1, 1, 0, 1]  # padding sees itself (no empty softmax row)
+    add = tree.attention_mask(boolean=False, dtype=torch.float32)
+    assert add[0, 0, 4].tolist()[:2] == [0.0, 0.0] and add[0, 0, 4, 2] == torch.finfo(torch.float32).min
+    # 2 shared tokens of 10: below a 30% threshold nothing is shared
+    assert prefix_tree([[1, 2, 3, 4], [1, 2, 5], [7, 8, 9]], [2, 2, 1], min_shared=0.3) is None
+    # 8 long completions of one short prompt: one row of 2 + 8 x 10 tokens has 82^2 > 4 x 8 x 12^2 attention
+    many = [[1, 2] + [10 + k] * 10 for k in range(8)]
+    assert prefix_tree(many, [2] * 8, min_shared=0.0) is None
+    assert prefix_tree(many[:2], [2] * 2, min_shared=0.0) is not None  # 22^2 <= 4 x 2 x 12^2
+
+
+@pytest.mark.unit
 def test_policy_entropy_equals_full_softmax_entropy(tiny_llama):
     model, tok = load(tiny_llama)
     batch = collate(examples(tok, False), tok.pad_token_id, False)

@@ -192,3 +192,42 @@ def test_shipped_example_loads():
     assert cfg.model.name_or_path == "asset:minilm" and cfg.head == "classifier"
     assert cfg.data.columns == {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
     assert (ROOT / cfg.data.path).is_file() and (ROOT / cfg.data.eval_path).is_file()
+
+
+@pytest.mark.unit
+def test_pair_prefix_lens_by_hand():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 9, 0, 0], [5, 6, 8, 9], [5, 9, 4, 0]])  # rows 0,1 chosen; 2,3 rejected
+    att = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
+    assert reward.pair_prefix_lens(ids, att) == [2, 2, 2, 2]
+    assert reward.pair_prefix_lens(ids[[0, 2]], att[[0, 2]]) == [2, 2]
+    assert reward.pair_prefix_lens(ids[[0, 0]], att[[0, 0]]) == [3, 3]  # identical rows: every real token
+
+
+@pytest.mark.unit
+def test_shared_prefix_rewards_equal_separate_rewards(tiny_llama):
+    """A pair's common prompt is computed once: same rewards and gradients as two full forwards."""
+    from rlhfkit.rewards import pad_right, reward_input_ids
+
+    cfg = reward.Config(model=ModelConfig(name_or_path=tiny_llama), head="value_head")
+    torch.manual_seed(0)
+    net, tok = reward.build_net(cfg, "value_head", torch.device("cpu"))
+    texts = [("the cat sees a dog", " red fish runs", " one two"), ("hello there", " sun", " big small fast slow"),
+             ("why", " because", " because of the rain")]
+    pairs = [reward.Pair(reward_input_ids(tok, join_prompt_completion(p, c), 64, True)[0],
+                         reward_input_ids(tok, join_prompt_completion(p, r), 64, True)[0]) for p, c, r in texts]
+    batch = reward.collate_pairs(pairs, tok.pad_token_id, False)
+    prefix = reward.pair_prefix_lens(batch["input_ids"], batch["attention_mask"])
+    assert min(prefix) >= 1 and net._shared_prefix_rewards(batch["input_ids"], batch["attention_mask"], prefix) is not None
+
+    def run(shared: bool):
+        net.zero_grad(set_to_none=True)
+        r = net(batch["input_ids"], batch["attention_mask"], prefix_lens=prefix if shared else None)
+        r.sum().backward()
+        return r.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    (r1, g1), (r0, g0) = run(True), run(False)
+    torch.testing.assert_close(r1, r0, atol=1e-5, rtol=0)
+    assert g1.keys() == g0.keys() and len(g1) > 0
+    for n in g1:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-4)
+    assert float((r0[:3] - r0[3:]).abs().max()) > 1e-4  # chosen and rejected really score differently

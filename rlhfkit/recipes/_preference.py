@@ -49,6 +49,21 @@ def sequence_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return sums, counts
 
 
+def concat_batches(a: dict, b: dict) -> dict:
+    """The model inputs of two batches as one (rows of ``a``, then of ``b``), right-padded to the
+    wider one: labels with -100, masks with 0, ids with 0 (masked out)."""
+    out = {}
+    for k in MODEL_KEYS:
+        if k in a:
+            x, y = a[k], b[k]
+            width = max(x.shape[1], y.shape[1])
+            fill = -100 if k == "labels" else 0
+            x = torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+            y = torch.nn.functional.pad(y, (0, width - y.shape[1]), value=fill)
+            out[k] = torch.cat([x, y])
+    return out
+
+
 def reference_sums(reference: Reference, inputs: dict) -> torch.Tensor:
     """Summed completion log-probs (B,) under the reference (its per-token log-probs are 0 off the mask)."""
     return reference.logps(inputs).sum(-1)  # (B,)
@@ -200,7 +215,7 @@ def release_reference(reference: Reference) -> None:
 
 
 __all__ = [
-    "model_inputs", "sequence_logps", "reference_sums", "score_examples", "policy_scores", "default_cache_dir",
+    "model_inputs", "concat_batches", "sequence_logps", "reference_sums", "score_examples", "policy_scores", "default_cache_dir",
     "folder_identity", "model_identity", "reference_identity", "cache_key", "precompute_reference",
     "release_reference",
 ]

@@ -25,7 +25,8 @@ Deliberate choices:
   of the training rows whose prompt differs, cyclically), as TRL fixes its KL pairs when it
   preprocesses the data. So the reference log-probs of the KL pairs can be precomputed and
   cached like the others (``precompute_reference``). The policy's KL log-probs are taken with
-  the policy in training mode under ``no_grad``.
+  the policy in training mode under ``no_grad``. A live reference scores the rows and their KL
+  pairs in one forward (row b and KL pair b share row b's prompt, which is then computed once).
 - The paper recommends w_d n_d / (w_u n_u) in [1, 4/3]; outside that range a warning is logged,
   nothing is changed.
 - Held-out accuracy (``eval/accuracy``, ``eval_accuracy_start/_end``): the fraction of held-out
@@ -52,8 +53,9 @@ from rlhfkit.data import (DataStats, Example, StepBatcher, Table, collate, encod
                           fit_lengths, load_splits, parse_rows, preference_examples, sft_examples)
 from rlhfkit.engine import Engine, process_info, resolve_precision, total_steps_for
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
-from rlhfkit.recipes._preference import (default_cache_dir, model_inputs, policy_scores, precompute_reference,
-                                         reference_identity, reference_sums, release_reference, sequence_logps)
+from rlhfkit.recipes._preference import (concat_batches, default_cache_dir, model_inputs, policy_scores,
+                                         precompute_reference, reference_identity, reference_sums, release_reference,
+                                         sequence_logps)
 from rlhfkit.utils import logger, seed_everything
 
 TRUE = ("true", "1", "yes")
@@ -207,8 +209,11 @@ def kto_loss(model: torch.nn.Module, batch: dict, cfg: Config, reference: Option
     with torch.no_grad():
         kl_out = getattr(model, "module", model)(**kl_inputs)
         kl_logps, _ = sequence_logps(kl_out["logps"], kl_out["mask"])  # (B,)
-        ref = batch["ref_logps"] if "ref_logps" in batch else reference_sums(reference, inputs)  # (B,)
-        kl_ref = batch["ref_kl_logps"] if "ref_kl_logps" in batch else reference_sums(reference, kl_inputs)  # (B,)
+        if "ref_logps" in batch:
+            ref, kl_ref = batch["ref_logps"], batch["ref_kl_logps"]  # (B,), (B,)
+        else:  # one reference forward over rows and KL pairs: row b and KL pair b share their prompt
+            both = reference_sums(reference, concat_batches(inputs, kl_inputs))  # (2B,)
+            ref, kl_ref = both[: len(logps)], both[len(logps):]
         kl = (kl_logps - kl_ref).mean()
         if reduce_kl is not None:
             kl = reduce_kl(kl)

@@ -3,7 +3,9 @@
 The model maps a text to a scalar r(x, y); on preference pairs it minimises
 ``-log s(r(x, y_c) - r(x, y_r) - margin)`` (``rlhfkit.losses.pairwise_reward``; the optional
 per-row margin is Llama 2's preference-strength margin, Touvron et al. 2023). Chosen and rejected
-texts of a micro-batch go through one concatenated forward (rows 0..B-1 chosen, B..2B-1 rejected).
+texts of a micro-batch go through one concatenated forward (rows 0..B-1 chosen, B..2B-1 rejected);
+with a causal value-head model the tokens a pair has in common (its prompt) are computed once
+for both texts (``rlhfkit.models.prefix_tree``: the same states, only float rounding differs).
 
 Text scored: ``rlhfkit.rewards.join_prompt_completion(prompt, completion)``, the same join the
 ``reward_model`` reward uses at scoring time, tokenized by ``rlhfkit.rewards.reward_input_ids``
@@ -45,7 +47,7 @@ from rlhfkit.data import DataStats, StepBatcher, Table, load_splits, preference_
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import pairwise_reward
 from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
-                            pick_device, unwrap)
+                            pick_device, prefix_sharing_supported, prefix_tree, prefix_tree_states, unwrap)
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
 from rlhfkit.utils import atomic_write_json, logger, seed_everything
 
@@ -101,10 +103,32 @@ class RewardNet(nn.Module):
             self.value_head = ValueHead(hidden_size(unwrap(backbone).config))
             self.value_head.to(next(backbone.parameters()).device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_lens: Optional[list[int]] = None,
+                **_: object) -> torch.Tensor:
+        """``prefix_lens[b]``: leading tokens row b shares with other rows (its pair's common
+        prefix); a causal value-head model then reads them once (``rlhfkit.models.prefix_tree``)."""
         if self.value_head is None:
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # (B,)
+        if prefix_lens is not None:
+            shared = self._shared_prefix_rewards(input_ids, attention_mask, prefix_lens)
+            if shared is not None:
+                return shared
         return last_token_rewards(self.backbone, self.value_head, input_ids, attention_mask)  # (B,)
+
+    def _shared_prefix_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               prefix_lens: list[int]) -> Optional[torch.Tensor]:
+        """The rewards from one prefix-tree forward (right-padded rows); None when it does not apply."""
+        hf = unwrap(self.backbone)
+        body = getattr(hf, hf.base_model_prefix, None)
+        if hf.config.is_encoder_decoder or not isinstance(body, nn.Module) or not prefix_sharing_supported(hf):
+            return None
+        rows = [input_ids[b, :n].tolist() for b, n in enumerate(attention_mask.sum(-1).tolist())]
+        tree = prefix_tree(rows, prefix_lens)
+        if tree is None:
+            return None
+        flat = prefix_tree_states(body, tree)  # (R * L, H)
+        last = torch.tensor([tree.where[b][len(r) - 1] for b, r in enumerate(rows)], device=flat.device)  # (B,)
+        return self.value_head(flat[last]).float()  # (B,)
 
 
 def resolve_head(cfg: Config) -> str:
@@ -214,8 +238,18 @@ def collate_pairs(pairs: list[Pair], pad_id: int, with_margin: bool) -> dict[str
 # ---------------------------------------------------------------------------------------------
 
 
+def pair_prefix_lens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
+    """For right-padded rows 0..B-1 (chosen) and B..2B-1 (rejected): the length of the common
+    prefix of each pair, for both of its rows."""
+    B = input_ids.shape[0] // 2
+    same = (input_ids[:B] == input_ids[B:]) & attention_mask[:B].bool() & attention_mask[B:].bool()  # (B, T)
+    n = same.long().cumprod(-1).sum(-1).tolist()  # (B,) leading tokens in common
+    return n + n
+
+
 def reward_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-    r = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    prefix = pair_prefix_lens(batch["input_ids"], batch["attention_mask"])
+    r = model(batch["input_ids"], batch["attention_mask"], prefix_lens=prefix)  # (2B,)
     B = r.shape[0] // 2
     return pairwise_reward(r[:B], r[B:], batch.get("margin"))
 
@@ -229,7 +263,8 @@ def score_pairs(net: RewardNet, pairs: list[Pair], pad_id: int, batch_size: int)
     rc, rr = [], []
     for s in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[s: s + batch_size], pad_id, False)
-        r = net(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()  # (2b,)
+        r = net(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                prefix_lens=pair_prefix_lens(batch["input_ids"], batch["attention_mask"])).cpu()  # (2b,)
         rc.append(r[: len(r) // 2])
         rr.append(r[len(r) // 2:])
     net.train(was)
@@ -341,4 +376,4 @@ def run(cfg: Config, resume: bool = False) -> dict:
     return engine.finish(save if cfg.train.save_model else None, extra)
 
 
-__all__ = ["Config", "RewardNet", "run", "reward_loss", "heldout_metrics", "reward_stats", "save_reward_model"]
+__all__ = ["Config", "RewardNet", "run", "reward_loss", "pair_prefix_lens", "heldout_metrics", "reward_stats", "save_reward_model"]
