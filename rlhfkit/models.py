@@ -245,8 +245,9 @@ class PolicyModel(nn.Module):
     Rows that share a prompt (the real tokens before the first label: DPO's chosen and rejected,
     GRPO's group of samples, KTO's row and its KL pair) go through one forward as a prefix tree
     (:func:`prefix_tree`): the prompt once, then each completion attending to the prompt and to
-    itself, where that saves at least ``min_shared`` of the tokens and the model passes
-    :func:`prefix_sharing_supported`.
+    itself; and rows (or groups) of different lengths are packed side by side into the tree rows,
+    so padding costs nothing. This path is taken where it runs at least ``min_shared`` fewer token
+    slots than the compacted padded batch and the model passes :func:`prefix_sharing_supported`.
     """
 
     def __init__(self, lm: nn.Module, value_head: bool = False, chunk_tokens: int = 2048, min_shared: float = 0.1):
@@ -400,17 +401,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 204
 
 @dataclass
 class PrefixTree:
-    """Rows that start with the same tokens, laid out as one sequence per group: the shared prefix
-    once, then each row's remainder. A remainder attends to the prefix and to itself (causally),
-    never to the other remainders, and its position ids continue from the prefix, so every row's
-    hidden states are those of its own plain forward; the prefix is computed once per group."""
+    """Rows laid out without padding: rows that start with the same tokens form a group (the shared
+    prefix once, then each row's remainder), and groups are packed side by side into tree rows.
+    A remainder attends to its group's prefix and to itself (causally), never to other remainders
+    or groups, and position ids restart in every group and continue from the prefix in every
+    remainder, so every row's hidden states are those of its own plain forward."""
 
     input_ids: torch.Tensor
-    """(R, L) one row per group, right-padded."""
+    """(R, L) tree rows, right-padded."""
     position_ids: torch.Tensor
-    """(R, L) 0..p-1 on the prefix, p.. again on each remainder."""
+    """(R, L) 0..p-1 on a group's prefix, p.. again on each of its remainders."""
     segments: torch.Tensor
-    """(R, L) 0 on the prefix, k on the k-th remainder, -1 on padding."""
+    """(R, L) 0 on a prefix, k on the k-th remainder of its group, -1 on padding."""
+    groups: torch.Tensor
+    """(R, L) which group of its tree row a token belongs to, -1 on padding."""
     where: list[list[int]]
     """where[b][j]: index into the flattened (R * L) states of row b's j-th token."""
 
@@ -419,7 +423,8 @@ class PrefixTree:
         R, L = self.segments.shape
         ar = torch.arange(L, device=self.segments.device)
         sq, sk = self.segments[:, :, None], self.segments[:, None, :]  # (R, L, 1), (R, 1, L)
-        allowed = (ar[None, None, :] <= ar[None, :, None]) & (sk >= 0) & ((sk == 0) | (sk == sq))  # (R, L, L)
+        same_group = self.groups[:, :, None] == self.groups[:, None, :]  # (R, L, L)
+        allowed = (ar[None, None, :] <= ar[None, :, None]) & same_group & (sk >= 0) & ((sk == 0) | (sk == sq))
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=allowed.device)  # padding sees itself: no empty row
         if boolean:
             return allowed[:, None]
@@ -428,41 +433,59 @@ class PrefixTree:
 
 
 def prefix_tree(rows: list[list[int]], prefix_lens: list[int], min_shared: float = 0.1) -> Optional[PrefixTree]:
-    """Group the rows whose first ``prefix_lens[b]`` tokens are equal into one tree row each.
+    """Group the rows whose first ``prefix_lens[b]`` tokens are equal, and pack the groups (first
+    fit, longest first) into tree rows no longer than the longest group.
 
-    Returns None when sharing would skip fewer than ``min_shared`` of all tokens (then the plain
-    padded forward is as good), or when the tree rows get so long that their attention area
-    (R L^2) exceeds four times that of the rows padded to the longest one (many long completions
-    per prompt: attention and the (R, 1, L, L) mask would cost more than the prompt saves).
+    Returns None when the tree would run fewer than ``min_shared`` fewer token slots than the rows
+    padded to the longest one (then the plain padded forward is as good), or when the tree rows
+    get so long that their attention area (R L^2) exceeds four times that of the padded rows (many
+    long completions per prompt: attention and the (R, 1, L, L) mask would cost more than the
+    prompt saves).
     """
-    groups: dict[tuple, list[int]] = {}
+    keyed: dict[tuple, list[int]] = {}
     for b, (r, p) in enumerate(zip(rows, prefix_lens)):
-        groups.setdefault(tuple(r[:p]) if p > 0 else ("row", b), []).append(b)
-    shared = {key: g for key, g in groups.items() if len(g) > 1 and key[:1] != ("row",)}
-    total = sum(len(r) for r in rows)
-    if total == 0 or sum((len(g) - 1) * len(key) for key, g in shared.items()) < min_shared * total:
-        return None
-    seqs: list[tuple[list[int], list[int], list[int]]] = []  # (tokens, positions, segments) per tree row
-    local: list[tuple[int, list[int]]] = [(0, [])] * len(rows)  # (tree row, columns) of each input row
-    for key, g in groups.items():
-        p = len(key) if key in shared else len(rows[g[0]])
-        toks, pos, seg = list(rows[g[0]][:p]), list(range(p)), [0] * p
+        keyed.setdefault(tuple(r[:p]) if p > 0 else ("row", b), []).append(b)
+    seqs: list[tuple[list[int], list[int], list[int], list[tuple[int, list[int]]]]] = []
+    for key, g in keyed.items():  # one (tokens, positions, segments, [(row, its columns)]) per group
+        p = len(key) if len(g) > 1 and key[:1] != ("row",) else len(rows[g[0]])
+        toks, pos, seg, members = list(rows[g[0]][:p]), list(range(p)), [0] * p, []
         for k, b in enumerate(g, start=1):
             rest = rows[b][p:]
-            local[b] = (len(seqs), list(range(p)) + list(range(len(toks), len(toks) + len(rest))))
+            members.append((b, list(range(p)) + list(range(len(toks), len(toks) + len(rest)))))
             toks, pos, seg = toks + list(rest), pos + list(range(p, p + len(rest))), seg + [k] * len(rest)
-        seqs.append((toks, pos, seg))
-    L = max(len(t) for t, _, _ in seqs)
-    if len(seqs) * L ** 2 > 4 * len(rows) * max(len(r) for r in rows) ** 2:
+        seqs.append((toks, pos, seg, members))
+    capacity = max(len(t) for t, *_ in seqs)
+    bins: list[list[int]] = []  # groups of each tree row
+    fill: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+        n = len(seqs[i][0])
+        j = next((j for j, f in enumerate(fill) if f + n <= capacity), None)
+        if j is None:
+            bins.append([]), fill.append(0)
+            j = len(bins) - 1
+        bins[j].append(i)
+        fill[j] += n
+    R, L, longest = len(bins), max(fill), max(len(r) for r in rows)
+    if R * L > (1.0 - min_shared) * len(rows) * longest or R * L ** 2 > 4 * len(rows) * longest ** 2:
         return None
-    ids = torch.zeros((len(seqs), L), dtype=torch.long)  # (R, L)
-    positions = torch.zeros((len(seqs), L), dtype=torch.long)  # (R, L)
-    segments = torch.full((len(seqs), L), -1, dtype=torch.long)  # (R, L)
-    for r, (t, pos, seg) in enumerate(seqs):
-        ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
-        positions[r, : len(t)] = torch.tensor(pos, dtype=torch.long)
-        segments[r, : len(t)] = torch.tensor(seg, dtype=torch.long)
-    return PrefixTree(ids, positions, segments, [[r * L + c for c in cols] for r, cols in local])
+    ids = torch.zeros((R, L), dtype=torch.long)  # (R, L)
+    positions = torch.zeros((R, L), dtype=torch.long)  # (R, L)
+    segments = torch.full((R, L), -1, dtype=torch.long)  # (R, L)
+    groups = torch.full((R, L), -1, dtype=torch.long)  # (R, L)
+    where: list[list[int]] = [[] for _ in rows]
+    for r, members in enumerate(bins):
+        start = 0
+        for k, i in enumerate(members):
+            toks, pos, seg, rows_cols = seqs[i]
+            end = start + len(toks)
+            ids[r, start:end] = torch.tensor(toks, dtype=torch.long)
+            positions[r, start:end] = torch.tensor(pos, dtype=torch.long)
+            segments[r, start:end] = torch.tensor(seg, dtype=torch.long)
+            groups[r, start:end] = k
+            for b, cols in rows_cols:
+                where[b] = [r * L + start + c for c in cols]
+            start = end
+    return PrefixTree(ids, positions, segments, groups, where)
 
 
 def prefix_tree_states(body: nn.Module, tree: PrefixTree) -> torch.Tensor:
@@ -503,8 +526,9 @@ def _probe_prefix_sharing(hf: nn.Module) -> bool:
     body.eval()
     try:
         vocab = hf.get_output_embeddings().weight.shape[0]
-        rows = [[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab], [1 % vocab, 2 % vocab, 5 % vocab]]
-        tree = prefix_tree(rows, [2, 2], 0.0)
+        rows = [[1, 2, 3, 4], [1, 2, 5], [6, 7], [8]]  # a shared prompt, and two rows packed into one
+        rows = [[t % vocab for t in r] for r in rows]
+        tree = prefix_tree(rows, [2, 2, 0, 0], 0.0)
         flat = prefix_tree_states(body, tree).float()
         device = flat.device
         for b, r in enumerate(rows):

@@ -93,7 +93,7 @@ def test_compacted_forward_equals_padded_forward(kind, request):
     must give the same outputs, in the caller's layout, and the same gradients."""
     model, tok = load(request.getfixturevalue(kind))
     model.train()
-    policy = PolicyModel(model, value_head=True)
+    policy = PolicyModel(model, value_head=True, min_shared=1.0)  # no prefix tree / packing: compaction alone
     batch = collate(examples(tok, False), tok.pad_token_id, False)
     real = batch["attention_mask"].bool()
     assert int(real.sum(-1).max()) < real.shape[1]  # the layout really wastes columns here
@@ -120,10 +120,12 @@ def test_compacted_forward_equals_padded_forward(kind, request):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("layout", ["shared_prompts", "packed"])
 @pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
-def test_shared_prompt_forward_equals_padded_forward(kind, request):
+def test_shared_prompt_forward_equals_padded_forward(kind, layout, request):
     """Rows with the same prompt (DPO's chosen/rejected, a GRPO group) go through one prefix-tree
-    forward; outputs and gradients must equal the plain padded forward's."""
+    forward, and rows of different lengths are packed side by side into tree rows; outputs and
+    gradients must equal the plain padded forward's."""
     from rlhfkit.models import prefix_sharing_supported
 
     model, tok = load(request.getfixturevalue(kind))
@@ -133,6 +135,10 @@ def test_shared_prompt_forward_equals_padded_forward(kind, request):
     exs = examples(tok, False)
     c = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (" a dog", " two cats and a bird")]
     rows = exs + [Example(exs[0].prompt_ids, c[0]), Example(exs[0].prompt_ids, c[1]), Example(exs[2].prompt_ids, c[0])]
+    if layout == "packed":  # no two rows share a prompt; short rows beside long ones
+        rows = [Example(tok(p, add_special_tokens=False)["input_ids"], c[i % 2]) for i, p in
+                enumerate(["Hi", "A much longer prompt about the weather in the north today", "Two words", "Ok"])]
+        policy.min_shared = 0.25
     batch = collate(rows, tok.pad_token_id, False)
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
 
@@ -170,15 +176,31 @@ def test_prefix_tree_layout_by_hand():
     m = tree.attention_mask(boolean=True, dtype=torch.float32)
     assert m[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
                                       [1, 1, 0, 0, 1]]  # token 5 sees the prompt and itself, not 3 and 4
-    assert m[1, 0, 4].int().tolist() == [1, 1, 1, 0, 1]  # padding sees itself (no empty softmax row)
+    assert m[1, 0, 4].int().tolist() == [0, 0, 0, 0, 1]  # padding sees itself only (no empty softmax row)
     add = tree.attention_mask(boolean=False, dtype=torch.float32)
     assert add[0, 0, 4].tolist()[:2] == [0.0, 0.0] and add[0, 0, 4, 2] == torch.finfo(torch.float32).min
-    # 2 shared tokens of 10: below a 30% threshold nothing is shared
+    assert tree.groups.tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, -1, -1]]
+    # 2 tree rows x 5 slots instead of 3 rows x 4: 17% saved, below a 30% threshold
     assert prefix_tree([[1, 2, 3, 4], [1, 2, 5], [7, 8, 9]], [2, 2, 1], min_shared=0.3) is None
     # 8 long completions of one short prompt: one row of 2 + 8 x 10 tokens has 82^2 > 4 x 8 x 12^2 attention
     many = [[1, 2] + [10 + k] * 10 for k in range(8)]
     assert prefix_tree(many, [2] * 8, min_shared=0.0) is None
     assert prefix_tree(many[:2], [2] * 2, min_shared=0.0) is not None  # 22^2 <= 4 x 2 x 12^2
+
+
+@pytest.mark.unit
+def test_prefix_tree_packs_rows_without_a_shared_prompt_by_hand():
+    from rlhfkit.models import prefix_tree
+
+    # longest first into rows of the longest length (3): [1 2 3] alone, then [4 5] and [6] together
+    tree = prefix_tree([[6], [1, 2, 3], [4, 5]], [0, 0, 0], min_shared=0.3)  # 6 slots instead of 9
+    assert tree.input_ids.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert tree.position_ids.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert tree.groups.tolist() == [[0, 0, 0], [0, 0, 1]]
+    assert tree.where == [[5], [0, 1, 2], [3, 4]]
+    m = tree.attention_mask(boolean=True, dtype=torch.float32)
+    assert m[1, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]  # 6 sees neither 4 nor 5
+    assert prefix_tree([[6], [1, 2, 3], [4, 5]], [0, 0, 0], min_shared=0.4) is None  # 33% saved < 40%
 
 
 @pytest.mark.unit
