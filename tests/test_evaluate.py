@@ -319,6 +319,31 @@ def test_non_text_completion_is_reported(tmp_path, capsys):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
+def test_response_logits_equal_the_full_forward_at_the_response_positions(kind, request):
+    """The LM head runs on the response positions only (logits_to_keep): the same logits as the
+    full forward's, in row-major order of the response tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.data import Example, collate
+
+    path = request.getfixturevalue(kind)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    rows = [Example(tok(p)["input_ids"], tok(r)["input_ids"]) for p, r in
+            [("the cat sees", " a dog"), ("hello", " my good old friend"), ("a dog runs to the", " park")]]
+    batch = collate(rows, tok.pad_token_id, False)
+    got = evaluate.response_logits(model, batch)
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=position_ids).logits  # (B, T, V)
+    mask = batch["labels"] != -100
+    assert got.shape == (int(mask.sum()), full.shape[-1])
+    torch.testing.assert_close(got, full[:, :-1][mask[:, 1:]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.unit
 def test_token_kl_on_greedy_responses(tiny_llama, tmp_path):
     """Greedy eval: KL is sum_t KL(pi(.|s_t) || ref(.|s_t)) along the responses, equal to a plain
     transformers computation, zero for a model against itself and never negative."""

@@ -187,9 +187,12 @@ def row_columns(table: Table) -> dict[str, list]:
 
 
 def load_entry(model_cfg: ModelConfig, adapter_path: Optional[str], device: torch.device):
-    """(model in eval mode, tokenizer); a LoRA adapter is loaded on its base."""
+    """(model in eval mode, tokenizer); a LoRA adapter is loaded on its base and merged into it (the
+    same function up to float rounding; generation and forwards skip the adapter's extra ops)."""
     lora = LoraConfig(enabled=True, adapter_path=adapter_path) if adapter_path else None
     model, tok = load_policy(model_cfg, lora, device)
+    if lora is not None and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model.eval().requires_grad_(False)
     return model, tok
 
@@ -237,9 +240,10 @@ def response_logits(model, batch: dict) -> torch.Tensor:
                     decoder_attention_mask=batch.get("decoder_attention_mask"), use_cache=False)
         return out.logits[mask]  # (N, V)
     position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding
+    T, P = mask.shape[1], max(1, int(mask.any(0).long().argmax()))  # collate's layout: responses start at column P
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
-                use_cache=False)
-    return out.logits[:, :-1][mask[:, 1:]]  # (N, V): position t - 1 predicts token t
+                use_cache=False, logits_to_keep=T - P + 1)  # the LM head on positions P - 1 .. T - 1 only
+    return out.logits[:, :-1][mask[:, P:]]  # (N, V): position t - 1 predicts token t
 
 
 @torch.no_grad()
@@ -255,14 +259,17 @@ def token_kl(model, ref_model, tok, prompts: list[str], responses: list[list[int
     device = next(model.parameters()).device
     seq2seq = bool(unwrap(model).config.is_encoder_decoder)
     examples = [Example(encode_prompt(tok, p, seq2seq), list(r)) for p, r in zip(prompts, responses)]
-    out: list[float] = []
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[s: s + batch_size], tok.pad_token_id, seq2seq).items()}
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].completion_ids))
+    out = [0.0] * len(examples)
+    for s in range(0, len(order), batch_size):  # rows of similar length together: little padding
+        chunk = order[s: s + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], tok.pad_token_id, seq2seq).items()}
         lp = torch.log_softmax(response_logits(model, batch).float(), -1)  # (N, V)
         lq = torch.log_softmax(response_logits(ref_model, batch).float(), -1)  # (N, V)
         kl_pos = (lp.exp() * (lp - lq)).sum(-1).double().cpu()  # (N,)
         counts = (batch["labels"] != -100).sum(-1).tolist()  # tokens per row
-        out += [float(c.sum()) for c in kl_pos.split(counts)]
+        for i, c in zip(chunk, kl_pos.split(counts)):
+            out[i] = float(c.sum())
     return out
 
 
