@@ -332,6 +332,30 @@ def test_disable_dropout_zeroes_every_dropout():
 
 
 @pytest.mark.unit
+def test_fuse_gelu_swaps_gelu_new_for_the_same_function():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    # the function itself: values and gradients equal to float rounding, far into both tails
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ref, fused = NewGELUActivation()(x), GELUTanh()(x2)
+    ref.sum().backward()
+    fused.sum().backward()
+    assert torch.allclose(fused, ref, rtol=0, atol=1e-12) and torch.allclose(x2.grad, x.grad, rtol=0, atol=1e-12)
+    # in a model: every gelu_new replaced, the logits unchanged, a second call finds nothing
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=8, n_layer=2, n_head=2, n_positions=16)).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert ilql.fuse_gelu(model) == 2
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+        assert torch.allclose(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    assert ilql.fuse_gelu(model) == 0
+
+
+@pytest.mark.unit
 def test_q_heads_at_actions_equal_the_full_heads():
     torch.manual_seed(0)
     for mlp in (False, True):
