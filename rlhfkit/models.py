@@ -338,7 +338,8 @@ class PolicyModel(nn.Module):
 
     def _shared_prompts(self, input_ids: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
                         with_entropy: bool) -> Optional[dict[str, torch.Tensor]]:
-        """The forward as a prefix tree over rows with the same prompt; None when not worth it."""
+        """The forward as a prefix tree (rows with the same prompt share it, all rows packed without
+        padding); None when that saves too little (``min_shared``) or the model fails the probe."""
         B, T = labels.shape
         rows, labs, cols = [], [], []
         for b in range(B):

@@ -85,6 +85,15 @@ def test_policy_logprobs_equal_plain_forward(kind, request):
     assert torch.all(logps[~mask] == 0)
 
 
+def outputs_and_grads(policy: PolicyModel, batch: dict, **extra) -> tuple[dict, dict]:
+    """A value-head policy's outputs on ``batch`` and the gradients of sum(logps) + sum(values)."""
+    policy.zero_grad(set_to_none=True)
+    out = policy(**batch, with_entropy=True, **extra)
+    ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_llama"])
 def test_compacted_forward_equals_padded_forward(kind, request):
@@ -99,16 +108,8 @@ def test_compacted_forward_equals_padded_forward(kind, request):
     assert int(real.sum(-1).max()) < real.shape[1]  # the layout really wastes columns here
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
 
-    def run(**extra):
-        model.zero_grad(set_to_none=True)
-        policy.value_head.zero_grad(set_to_none=True)
-        out = policy(**batch, with_entropy=True, **extra)
-        ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
-        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-        return {k: v.detach() for k, v in out.items()}, grads
-
-    compact, g_compact = run()
-    padded, g_padded = run(position_ids=position_ids)
+    compact, g_compact = outputs_and_grads(policy, batch)
+    padded, g_padded = outputs_and_grads(policy, batch, position_ids=position_ids)
     assert set(compact) == set(padded) == {"logps", "mask", "entropy", "values"}
     assert torch.equal(compact["mask"], padded["mask"])
     for k in ("logps", "entropy", "values"):
@@ -142,20 +143,12 @@ def test_shared_prompt_forward_equals_padded_forward(kind, layout, request):
     batch = collate(rows, tok.pad_token_id, False)
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
 
-    def run(**extra):
-        model.zero_grad(set_to_none=True)
-        policy.value_head.zero_grad(set_to_none=True)
-        out = policy(**batch, with_entropy=True, **extra)
-        ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
-        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-        return {k: v.detach() for k, v in out.items()}, grads
-
     calls = []
     original = policy._shared_prompts
     policy._shared_prompts = lambda *a: calls.append(1) or original(*a)
-    shared, g_shared = run()
+    shared, g_shared = outputs_and_grads(policy, batch)
     assert calls and original(batch["input_ids"], batch["labels"], batch["attention_mask"].bool(), False) is not None
-    padded, g_padded = run(position_ids=position_ids)
+    padded, g_padded = outputs_and_grads(policy, batch, position_ids=position_ids)
     assert torch.equal(shared["mask"], padded["mask"])
     for k in ("logps", "entropy", "values"):
         torch.testing.assert_close(shared[k], padded[k], atol=1e-5, rtol=0)
