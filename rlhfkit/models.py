@@ -258,6 +258,10 @@ class PolicyModel(nn.Module):
         self.is_seq2seq = is_seq2seq_config(hf.config)
         self.value_head = ValueHead(hidden_size(hf.config)) if value_head else None
         if self.value_head is not None:
+            # V starts at 0 everywhere: a randomly initialised head on a pretrained backbone gives
+            # values of std ~1 (SmolLM2), larger than the reward signal, and that noise would swamp
+            # the first iterations' advantages. The weight still gets gradient (dV/dw = h).
+            nn.init.zeros_(self.value_head.summary.weight)
             self.value_head.to(next(lm.parameters()).device)
         self.chunk_tokens = chunk_tokens
         c = hf.config

@@ -103,6 +103,7 @@ def test_compacted_forward_equals_padded_forward(kind, request):
     model, tok = load(request.getfixturevalue(kind))
     model.train()
     policy = PolicyModel(model, value_head=True, min_shared=1.0)  # no prefix tree / packing: compaction alone
+    torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)  # it starts at zero: make values informative
     batch = collate(examples(tok, False), tok.pad_token_id, False)
     real = batch["attention_mask"].bool()
     assert int(real.sum(-1).max()) < real.shape[1]  # the layout really wastes columns here
@@ -133,6 +134,7 @@ def test_shared_prompt_forward_equals_padded_forward(kind, layout, request):
     model.train()
     assert prefix_sharing_supported(model)
     policy = PolicyModel(model, value_head=True)
+    torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)
     exs = examples(tok, False)
     c = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (" a dog", " two cats and a bird")]
     rows = exs + [Example(exs[0].prompt_ids, c[0]), Example(exs[0].prompt_ids, c[1]), Example(exs[2].prompt_ids, c[0])]
@@ -367,13 +369,15 @@ def test_value_head_saved_and_reloaded(tiny_llama, tmp_path):
     policy = PolicyModel(model, value_head=True)
     batch = collate(examples(tok, False), tok.pad_token_id, False)
     with torch.no_grad():
+        assert torch.all(policy(**batch)["values"] == 0)  # a new head predicts V = 0 everywhere
+        torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)  # as if trained
         values = policy(**batch)["values"]
-    assert values.shape == batch["labels"].shape and torch.all(values[~policy(**batch)["mask"]] == 0)
+    mask = policy(**batch)["mask"]
+    assert values.shape == batch["labels"].shape and torch.all(values[~mask] == 0) and torch.all(values[mask] != 0)
     save_pretrained(policy, tok, tmp_path / "v")
     assert (tmp_path / "v" / "value_head.safetensors").is_file()
     m2, _ = load(str(tmp_path / "v"))
-    torch.manual_seed(123)  # a different random head, replaced by the saved one
-    p2 = PolicyModel(m2, value_head=True)
+    p2 = PolicyModel(m2, value_head=True)  # a new (zero) head, replaced by the saved one
     load_value_head(p2, tmp_path / "v")
     with torch.no_grad():
         assert torch.equal(p2(**batch)["values"], values)
