@@ -24,9 +24,9 @@ or a trained adapter loaded frozen next to the trainable one (see ``ReferenceCon
 
 Deliberate deviations: the KL penalty enters the reward per token (as trlX / the OpenAI code),
 not the loss; the value head reads the hidden state that predicts each token (so V(s_t) and
-log pi(a_t | s_t) come from the same position); the value head starts at zero (V = 0: a random head
-on a pretrained backbone predicts values noisier than the rewards); reward normalisation uses running moments of
-the raw scores (Welford) updated before they are used.
+log pi(a_t | s_t) come from the same position); the value head starts at zero (V = 0: a random
+head on a pretrained backbone predicts values noisier than the rewards); reward normalisation uses
+running moments of the raw scores (Welford) updated before they are used.
 """
 from __future__ import annotations
 
