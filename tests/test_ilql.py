@@ -49,7 +49,12 @@ def quick_config(out, **over) -> dict:
     cfg = dict(train=dict(output_dir=str(out), max_steps=3, batch_size=8, lr=3e-3, progress=False, seed=0,
                           group_by_length=False),
                data=dict(chat_template="false"), generation=dict(max_new_tokens=12, top_k=0, batch_size=64))
-    return ilql._deep_merge(cfg, over)
+    return merge(cfg, over)
+
+
+def merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +450,7 @@ def test_run_writes_outputs_and_resume_restores_target_heads(tiny_gpt2, tmp_path
     b.mkdir()
     shutil.copytree(a / "checkpoints" / "step-0000002", b / "checkpoints" / "step-0000002")
     assert (b / "checkpoints" / "step-0000002" / "ilql_target_q.safetensors").is_file()
-    over_b = ilql._deep_merge(over, dict(train=dict(output_dir=str(b)), eval_reward=[]))
+    over_b = merge(over, dict(train=dict(output_dir=str(b)), eval_reward=[]))
     ilql.run(config(over_b), resume=True)
     ha, hb = load_file(str(a / ilql.HEADS_FILE)), load_file(str(b / ilql.HEADS_FILE))
     assert ha.keys() == hb.keys() and all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha)

@@ -69,7 +69,7 @@ from torch import nn
 from rlhfkit import losses
 from rlhfkit.config import (
     DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, UserError, _check_choice,
-    from_dict, to_dict, validate,
+    from_dict, make_config, validate,
 )
 from rlhfkit.data import (
     DataStats, Example, StepBatcher, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
@@ -77,9 +77,9 @@ from rlhfkit.data import (
 )
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import (
-    PolicyModel, apply_lora, hidden_size, is_seq2seq_config, load_policy, save_pretrained, unwrap,
+    PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, load_policy, save_pretrained, unwrap,
 )
-from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger, seed_everything
+from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, keep_freed_memory, logger, seed_everything
 
 HEADS_FILE = "ilql_heads.safetensors"
 HEADS_CONFIG = "ilql_heads.json"
@@ -544,54 +544,6 @@ def top_samples(examples: list[ScoredExample], fraction: float) -> list[ScoredEx
 # ---------------------------------------------------------------------------------------------
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """p = 0 for every ``nn.Dropout`` (attention implementations read their module's ``p``)."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def fuse_gelu(model: nn.Module) -> int:
-    """Replace every ``NewGELUActivation`` (``gelu_new``: GPT-2, GPT-J, GPT-Neo, CodeGen) by
-    transformers' ``GELUTanh``, the same function 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    in torch's fused kernel (``F.gelu(approximate="tanh")``); returns the number replaced.
-
-    ``gelu_new`` is written as eight tensor operations, each a pass over the (tokens, 4 hidden)
-    activations, and autograd saves and replays them all: on benchmarks/ilql.py one GELU forward
-    and backward took 8.3 ms against 2.8 ms fused (one thread), about 7% of the step. Outputs
-    agree to float rounding (1e-6); the model's config and saved weights are unchanged.
-    """
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, GELUTanh())
-    return len(swaps)
-
-
-def keep_freed_memory(trim_mb: int = 256) -> bool:
-    """Let glibc's malloc keep freed memory for reuse instead of returning it to the OS.
-
-    Every step allocates and frees tens of MB of (tokens, vocabulary) temporaries (logits, Q
-    values, their gradients). By default glibc gives them back and the next step page-faults
-    them in again: on benchmarks/ilql.py that was ~17,000 page faults and 33 ms of kernel time per
-    step (9%). Raising M_TRIM_THRESHOLD and M_MMAP_THRESHOLD (its 32 MB maximum) keeps them in the
-    heap (mallopt(3)); peak memory is unchanged. A no-op (False) where libc is not glibc.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_trim_threshold, trim_mb << 20)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
 class _ILQLEngine(Engine):
     """The Engine, whose checkpoints also hold the target Q heads (they take no gradient, so they
     are not among the trainable weights it saves)."""
@@ -758,24 +710,9 @@ def train_offline(model: Union[str, nn.Module], samples: Sequence[Union[str, tup
     model and the heads. For ``method="filtered_bc"``, the fine-tuned Hugging Face model.
     The run's files (metrics, summary) go to ``train.output_dir``.
     """
-    from rlhfkit.config import load_config
-
-    if isinstance(config, str):
-        base = to_dict(load_config(Config, config))
-    elif isinstance(config, Config):
-        base = to_dict(config)
-    elif config is None or isinstance(config, dict):
-        base = to_dict(Config())
-        for key, value in (config or {}).items():
-            _set_dotted(base, key, value)
-    else:
-        raise UserError(f"train_offline: config must be a Config, a YAML path or a dict, got {type(config).__name__}")
-    for key, value in overrides.items():
-        _set_dotted(base, key.replace("__", "."), value)
-    cfg = from_dict(Config, base, source="train_offline(...)")
+    cfg = make_config(Config, config, source="train_offline(...)", **overrides)
     if isinstance(model, str):
         cfg.model.name_or_path = model
-    validate(cfg)
     if len(samples) != len(rewards):
         raise UserError(f"train_offline: {len(samples)} samples but {len(rewards)} rewards")
 
@@ -802,23 +739,6 @@ def _as_sample(s: Union[str, tuple[str, str]], reward: float, i: int) -> Sample:
     if isinstance(s, (tuple, list)) and len(s) == 2 and all(isinstance(x, str) for x in s):
         return Sample(s[0], s[1], float(reward))
     raise UserError(f"train_offline: sample {i} must be a text or a (prompt, output) pair, got {s!r:.80}")
-
-
-def _set_dotted(base: dict, dotted: str, value: Any) -> None:
-    """``base[a][b] = value`` for ``"a.b"``; a dict value merges into a section instead of replacing it."""
-    *path, last = dotted.split(".")
-    node = base
-    for part in path:
-        node = node.setdefault(part, {})
-    merge = isinstance(value, dict) and isinstance(node.get(last), dict)
-    node[last] = _deep_merge(node[last], value) if merge else value
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 __all__ = [
