@@ -657,7 +657,7 @@ def mfu_part(args) -> str:
     peak = matmul_peak(args.threads)
     print(f"   measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2,048 x 2,048 torch.matmul, best of 5)", flush=True)
     module, cfg = rlhfkit_config("dpo", model_dir, files, str(work / "rlhfkit-mfu"), steps)
-    print(f"   rlhfkit dpo " + " ".join(rlhfkit_overrides("dpo", model_dir, files, str(work / "rlhfkit-mfu"), steps)),
+    print("   rlhfkit dpo " + " ".join(rlhfkit_overrides("dpo", model_dir, files, str(work / "rlhfkit-mfu"), steps)),
           flush=True)
     clock: list[tuple[float, int]] = []
     per_step: list[tuple[float, int]] = []  # (mean attended context, tokens actually computed) per batch

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import sft_rows, write_jsonl
+from helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

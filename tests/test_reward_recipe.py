@@ -206,7 +206,7 @@ def test_pair_prefix_lens_by_hand():
 @pytest.mark.unit
 def test_shared_prefix_rewards_equal_separate_rewards(tiny_llama):
     """A pair's common prompt is computed once: same rewards and gradients as two full forwards."""
-    from rlhfkit.rewards import pad_right, reward_input_ids
+    from rlhfkit.rewards import reward_input_ids
 
     cfg = reward.Config(model=ModelConfig(name_or_path=tiny_llama), head="value_head")
     torch.manual_seed(0)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from rlhfkit.config import ConfigError, RewardConfig, UserError
+from rlhfkit.rewards.toxicity import _onnx_set_locale
 from rlhfkit.rewards import (
     Classifier, Composite, Gibberish, LabelMatch, Length, PythonReward, ReferenceNormalized, RewardModel,
-    Sentiment, TokenFrequency, Toxicity, _onnx_set_locale, build_reward, gibberish_label, gibberish_parts,
+    Sentiment, TokenFrequency, Toxicity, build_reward, gibberish_label, gibberish_parts,
     gibberish_score, join_prompt_completion, preference_length_reward, reward_from_config, validate_reward,
     vader_label,
 )

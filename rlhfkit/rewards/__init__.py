@@ -37,7 +37,7 @@ from rlhfkit.rewards.reward_model import (REWARD_SPEC, RewardModel, last_token_r
 from rlhfkit.rewards.text import (GIBBERISH_LABELS, RESOURCES, Gibberish, Length, TokenFrequency, english_words,
                                   gibberish_label, gibberish_labels, gibberish_parts, gibberish_score,
                                   preference_length_reward)
-from rlhfkit.rewards.toxicity import Toxicity, _onnx_set_locale, toxicity_prob  # noqa: F401 (tests import _onnx_set_locale)
+from rlhfkit.rewards.toxicity import Toxicity, toxicity_prob
 
 __all__ = [
     "RewardFn", "ValidatedReward", "validate_reward", "check_rewards", "join_prompt_completion",
