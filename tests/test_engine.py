@@ -129,3 +129,24 @@ def test_fused_adamw_matches_the_default_adamw():
     for a, b, s in zip(fused, plain, start):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-6)
         assert float((a.detach() - s).abs().max()) > 0.1  # five steps of lr 0.1 moved the weights
+
+
+@pytest.mark.unit
+def test_lr_groups_give_a_parameter_group_its_own_learning_rate(tmp_path):
+    """Adam's first step moves every weight with a non-zero gradient by lr (|g| / (|g| + eps) = 1),
+    so after one step the "head." weights moved by 0.01 and the rest by 0.001."""
+    from rlhfkit.config import TrainConfig
+    from rlhfkit.engine import Engine
+
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 1)})
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-3, max_grad_norm=None, progress=False, cpu=True)
+    engine = Engine(cfg, "test", cfg, net, total_steps=1, lr_groups={"head.": 1e-2})
+    x = torch.randn(8, 4)
+    engine.step(lambda model, mb: (model["head"](model["body"](mb["x"])).pow(2).mean(), {}), [{"x": x}])
+    moved = {n: (p.detach() - start[n]).abs() for n, p in net.named_parameters()}
+    for n, d in moved.items():
+        lr = 1e-2 if n.startswith("head.") else 1e-3
+        torch.testing.assert_close(d, torch.full_like(d, lr), rtol=1e-3, atol=0)
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [1e-3, 1e-2]

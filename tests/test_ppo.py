@@ -167,3 +167,21 @@ def test_samples_per_prompt_repeats_each_prompt(tiny_gpt2, tmp_path):
         assert sorted(batch.count(p) for p in set(batch)) == [4, 4]
     with pytest.raises(Exception, match="multiple of samples_per_prompt"):
         config(tiny_gpt2, "x.jsonl", tmp_path / "r2", rollout_batch_size=8, samples_per_prompt=3).validate()
+
+
+@pytest.mark.unit
+def test_value_lr_sets_the_value_heads_step(tiny_gpt2, tmp_path):
+    """The head starts at zero and Adam moves a weight by at most lr per update (about lr on the
+    first): after 2 updates at value_lr 1e-5 no head weight is past 2e-5, while the policy's LoRA
+    weights took steps of train.lr (1e-2)."""
+    from safetensors.torch import load_file
+
+    cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run", ppo_epochs=1, eval_prompts=0, value_lr=1e-5)
+    cfg.train.max_steps, cfg.lora = 1, LoraConfig(enabled=True)
+    ppo.run(cfg, reward_fn=lowercase_share)  # rollout 16, minibatch 8: 2 updates
+    head = load_file(str(tmp_path / "run" / "value_head.safetensors"))["summary.weight"]
+    assert 1e-6 < float(head.abs().max()) <= 2e-5 * (1 + 1e-3)
+    lora_b = [v for k, v in load_file(str(tmp_path / "run" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert max(float(v.abs().max()) for v in lora_b) > 5e-3  # B starts at 0; two steps of 1e-2
+    with pytest.raises(Exception, match="value_lr must be > 0"):
+        config(tiny_gpt2, "x.jsonl", tmp_path / "r2", value_lr=0.0).validate()

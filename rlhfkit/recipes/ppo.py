@@ -82,7 +82,10 @@ class Config:
     cliprange_value: float = 0.2
     """Clip range of the value prediction around the old value."""
     vf_coef: float = 0.1
-    """Weight of the value loss."""
+    """Weight of the value loss (in the gradient of the shared backbone; it does not slow the value
+    head itself, whose Adam steps are about ``value_lr`` per weight whatever the loss scale)."""
+    value_lr: Optional[float] = None
+    """Learning rate of the value head (or of the whole separate critic); unset: ``train.lr``."""
     gamma: float = 1.0
     """Discount of GAE."""
     lam: float = 0.95
@@ -124,6 +127,8 @@ class Config:
         if self.rollout_batch_size % self.samples_per_prompt:
             raise UserError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of samples_per_prompt "
                             f"({self.samples_per_prompt})")
+        if self.value_lr is not None and self.value_lr <= 0:
+            raise UserError(f"value_lr must be > 0, got {self.value_lr}")
         if self.kl_estimator not in ("k1", "abs", "mse", "k3"):
             raise UserError(f"kl_estimator must be one of k1, abs, mse, k3, got '{self.kl_estimator}'")
         if not self.rewards:
@@ -270,7 +275,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     n_mb = cfg.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum)
     state: dict = {"kl_coef": cfg.kl_coef, "moments": {}}
     engine = Engine(cfg.train, "ppo", cfg, ActorCritic(policy, critic), cfg.train.max_steps, resume=resume,
-                    state=state, updates_per_step=cfg.ppo_epochs * n_mb)
+                    state=state, updates_per_step=cfg.ppo_epochs * n_mb,
+                    lr_groups={"policy.value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None)
     kl_ctl = (losses.AdaptiveKLController(state["kl_coef"], cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else losses.FixedKLController(state["kl_coef"]))
     moments = RunningMoments(state["moments"])
