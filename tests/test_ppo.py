@@ -50,6 +50,19 @@ def test_ppo_raises_easy_reward(fixture, request, tmp_path):
     assert (tmp_path / "run" / "value_head.safetensors").exists()
 
 
+@pytest.mark.learning
+def test_ppo_with_word_segment_rewards_raises_easy_reward(tiny_llama, tmp_path):
+    """Fine-grained rewards: the lowercase share is scored on every word prefix, and each word gets
+    the change it made; learning is as good as with the whole-response reward."""
+    cfg = config(tiny_llama, prompts_file(tmp_path), tmp_path / "run", reward_segments="word")
+    s = ppo.run(cfg, reward_fn=lowercase_share)
+    assert s["eval_reward_end"] - s["eval_reward_start"] >= 0.3, s
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the untrained model's responses hold several words (1.4 per response on average at step 1);
+    # the trained one learns to emit one long lowercase word
+    assert [m for m in steps if "reward/mean" in m][0]["reward/segments_per_response"] > 1.2
+
+
 @pytest.mark.unit
 def test_first_minibatch_ratio_is_one(tiny_gpt2, tmp_path):
     """Old log-probs (sampling pass) equal the update pass's: with lr ~ 0 nothing is clipped."""
@@ -185,3 +198,60 @@ def test_value_lr_sets_the_value_heads_step(tiny_gpt2, tmp_path):
     assert max(float(v.abs().max()) for v in lora_b) > 5e-3  # B starts at 0; two steps of 1e-2
     with pytest.raises(Exception, match="value_lr must be > 0"):
         config(tiny_gpt2, "x.jsonl", tmp_path / "r2", value_lr=0.0).validate()
+
+
+class _PieceTokenizer:
+    """Token id i decodes to PIECES[i]; id 0 is a special token (EOS)."""
+    PIECES = ["</s>", "Hello", ",", " you", " stupid", " fool", ".", " Bye", "!"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+@pytest.mark.unit
+def test_segment_ends_words_and_sentences():
+    pieces = _PieceTokenizer.PIECES[1:]  # Hello , you stupid fool . Bye !
+    prefixes = ["".join(pieces[: k + 1]) for k in range(len(pieces))]
+    # a word ends before each piece that starts with a space: after ",", "you", "stupid", "." and at the end
+    assert ppo.segment_ends(prefixes, "word") == [1, 2, 3, 5, 7]
+    assert ppo.segment_ends(prefixes, "sentence") == [5, 7]
+    assert ppo.segment_ends(prefixes, "sequence") == [7]
+    assert ppo.segment_ends(prefixes[:1], "word") == [0]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("unit", ["sequence", "word", "sentence"])
+def test_segment_rewards_put_each_change_on_its_segment(unit):
+    """Reward = 1 - 0.5 x (number of "stupid" and "fool") + 0.25 if "Bye!"; the empty response scores 1.
+    Response "Hello, you stupid fool. Bye!</s>" (score 0.25): word segments Hello, | you | stupid |
+    fool. | Bye!</s> -> 0, 0, -0.5, -0.5, +0.25 at tokens 1, 2, 3, 5, 8; sentences "Hello, you stupid
+    fool." | " Bye!</s>" -> -1 at token 5 and +0.25 at token 8. Segmented rows sum to score - 1 (the
+    empty response's score); sequence: the score on the last token."""
+    def reward(texts):
+        return [1.0 - 0.5 * sum(t.split().count(w) + t.split().count(w + ".") for w in ("stupid", "fool"))
+                + 0.25 * ("Bye!" in t.split()) for t in texts]
+
+    labels = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 0], [1, 2, 3, 0, -100, -100, -100, -100, -100]])
+    tok = _PieceTokenizer()
+    full = [tok.decode(r[r != -100].tolist()).strip() for r in labels]
+    scores = torch.tensor(reward(full))  # 0.25 and 1.0
+    seen_rows = []
+
+    def score_fn(texts, rows):
+        seen_rows.extend(rows)
+        return reward(texts)
+
+    dense, n = ppo.segment_rewards(labels, scores, tok, unit, score_fn)
+    expected = torch.zeros(2, 9)
+    if unit == "sequence":
+        expected[0, 8], expected[1, 3] = 0.25, 1.0
+        assert n == 2
+    elif unit == "word":
+        expected[0, [1, 2, 3, 5, 8]] = torch.tensor([0.0, 0.0, -0.5, -0.5, 0.25])
+        expected[1, [1, 3]] = torch.tensor([0.0, 0.0])  # "Hello," | " you</s>"
+        assert n == 7 and seen_rows == [0, 0, 0, 0, 0, 1, 1]  # the empty response, then 4 (1) prefixes
+    else:
+        expected[0, [5, 8]] = torch.tensor([-1.0, 0.25])
+        assert n == 3
+    torch.testing.assert_close(dense, expected)
+    torch.testing.assert_close(dense.sum(1), scores - (0.0 if unit == "sequence" else 1.0))

@@ -12,7 +12,11 @@ One iteration (one logged step):
 3. no-grad passes: log-probs and values of the sampling policy, log-probs of the reference;
 4. per-token reward: r_t = -beta * KL_t(pi || ref) on every response token, plus the task
    reward on the last one (beta fixed, or adapted towards ``kl_target`` by Ziegler's
-   controller);
+   controller). With ``reward_segments`` ``word`` or ``sentence`` the task reward is spread over
+   the response instead, as in fine-grained RLHF (Wu et al. 2023, "Fine-Grained Human Feedback
+   Gives Better Rewards for Language Model Training"): the reward function scores every prefix
+   that ends a segment (and the empty response), and each segment's last token gets the change
+   its segment made, so a toxic word is blamed on its own tokens;
 5. advantages by GAE (gamma, lambda), whitened over the batch; returns = A + V;
 6. ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate plus
    ``vf_coef`` x the clipped value loss; an epoch stops early when its approx_kl passes
@@ -110,6 +114,14 @@ class Config:
     """Clip (normalised) scores to [-c, c]."""
     truncation_penalty: Optional[float] = None
     """Subtract this from the score of responses cut at the length limit (no EOS)."""
+    reward_segments: str = "sequence"
+    """Where the task reward enters: ``sequence`` (all of it on the last token), or ``word`` /
+    ``sentence``: each segment's last token gets score(response up to it) - score(response up to
+    the previous segment), from the empty response on (fine-grained RLHF; a response's rewards sum
+    to its score minus the empty response's, a per-prompt baseline). The reward functions then
+    score every such prefix too: cheap for a classifier like profanity_check, one extra text per
+    segment for a model. Normalisation, clipping and the truncation penalty act on the whole
+    response's score."""
     value_model: Optional[str] = None
     """Separate critic (model name or path) with its own value head; unset: a value head on the policy."""
     eval_prompts: int = 32
@@ -129,6 +141,8 @@ class Config:
                             f"({self.samples_per_prompt})")
         if self.value_lr is not None and self.value_lr <= 0:
             raise UserError(f"value_lr must be > 0, got {self.value_lr}")
+        if self.reward_segments not in ("sequence", "word", "sentence"):
+            raise UserError(f"reward_segments must be one of sequence, word, sentence, got '{self.reward_segments}'")
         if self.kl_estimator not in ("k1", "abs", "mse", "k3"):
             raise UserError(f"kl_estimator must be one of k1, abs, mse, k3, got '{self.kl_estimator}'")
         if not self.rewards:
@@ -206,6 +220,62 @@ def forward_by_length(fn: Callable[[dict], dict], batch: dict, size: int, is_seq
                 out[k] = v.new_zeros((B, T))
             out[k][rows, lo:] = v
     return out
+
+
+def segment_ends(prefixes: list[str], unit: str) -> list[int]:
+    """Indices of the tokens that end a segment of one response, given ``prefixes[k]``, the decoded
+    text of its first k + 1 tokens. A word ends where the next token's text starts with white
+    space; a sentence ends there too, after ``.``, ``!``, ``?`` or before a line break. The last
+    token always ends a segment (``unit="sequence"``: only it)."""
+    n = len(prefixes)
+    ends = []
+    for k in range(n - 1):
+        here, nxt = prefixes[k], prefixes[k + 1]
+        piece = nxt[len(here):] if nxt.startswith(here) else ""
+        if not piece[:1].isspace() or not here.strip():
+            continue
+        if unit == "word" or (unit == "sentence" and (here.rstrip()[-1:] in (".", "!", "?") or "\n" in piece)):
+            ends.append(k)
+    return ends + [n - 1] if n else []
+
+
+def segment_rewards(labels: torch.Tensor, scores: torch.Tensor, tokenizer, unit: str,
+                    score_fn: Callable[[list[str], list[int]], list[float]]) -> tuple[torch.Tensor, int]:
+    """The task reward of each response token (B, R) and the number of segments.
+
+    ``unit="sequence"``: each row's score on its last token. ``word`` / ``sentence``: at each
+    segment's last token, score(prefix through it) - score(prefix through the previous segment),
+    starting from the score of the empty response; the last segment takes ``scores`` (the whole
+    responses' scores) minus the previous prefix's. A row then sums to score - score(empty
+    response), a per-prompt constant taken off the return (potential-based shaping, Ng et al.
+    1999: the optimal policy is unchanged), so clean responses get ~0 everywhere rather than their
+    whole score on the first word. ``score_fn(texts, rows)`` scores texts as completions of those
+    rows' prompts; ``labels`` (B, R): the response token ids, -100 after the end."""
+    B, R = labels.shape
+    dense = torch.zeros(B, R)
+    mask = labels != -100  # (B, R)
+    lengths = mask.sum(1).tolist()
+    if unit == "sequence":
+        dense[torch.arange(B), torch.tensor(lengths) - 1] = scores
+        return dense, B
+    ends, texts, owners = [], [], []
+    for b in range(B):
+        ids = labels[b, : lengths[b]].tolist()
+        prefixes = [tokenizer.decode(ids[: k + 1], skip_special_tokens=True) for k in range(len(ids))]
+        row_ends = segment_ends(prefixes, unit)
+        ends.append(row_ends)
+        for text in [""] + [prefixes[k].strip() for k in row_ends[:-1]]:  # the full response is scored already
+            texts.append(text)
+            owners.append(b)
+    prefix_scores = iter(score_fn(texts, owners))
+    for b, row_ends in enumerate(ends):
+        before = next(prefix_scores)  # the empty response
+        for k in row_ends[:-1]:
+            now = next(prefix_scores)
+            dense[b, k] = now - before
+            before = now
+        dense[b, row_ends[-1]] = float(scores[b]) - before
+    return dense, sum(len(e) for e in ends)
 
 
 def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None, prompts: Optional[list[str]] = None,
@@ -308,6 +378,9 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         total, parts = score(exp.completions, idx, rows)
         scores = torch.tensor(total, dtype=torch.float32)  # (B,)
         raw_scores = scores.clone()
+        cols = response_slice(exp.batch, seq2seq)
+        dense, n_segments = segment_rewards(exp.batch["labels"][:, cols], raw_scores, tok, cfg.reward_segments,
+                                            lambda texts, rows_b: score(texts, [idx[b] for b in rows_b], rows)[0])
         if cfg.normalize_reward:
             moments.update(scores)
             scores = (scores - state["moments"]["mean"]) / moments.std
@@ -319,7 +392,6 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
 
         # ---- no-grad passes: old log-probs and values, reference log-probs ------------------------
         batch = exp.batch
-        cols = response_slice(batch, seq2seq)
         with torch.no_grad():
             ac.eval()
             old = forward_by_length(lambda b: ac(**{k: v.to(engine.device) for k, v in b.items()}, with_entropy=True),
@@ -332,9 +404,13 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         old_values = old["values"][:, cols] * mask  # (B, R)
         ref_lp = ref_logps[:, cols]  # (B, R)
         kl_tok = losses.kl_penalty(old_logps, ref_lp, cfg.kl_estimator) * mask  # (B, R)
-        rewards_tok = -kl_ctl.value * kl_tok  # (B, R)
         last = mask.sum(1).long() - 1  # (B,) index of each response's last token
-        rewards_tok[torch.arange(len(last)), last] += scores.to(rewards_tok.device)
+        # the raw task reward per token (all on the last token, or spread over segments), rescaled
+        # like the score, plus on the last token what normalisation / clipping / penalty changed
+        scale = 1.0 / moments.std if cfg.normalize_reward else 1.0
+        task_tok = dense.to(mask.device) * scale  # (B, R)
+        task_tok[torch.arange(len(last)), last] += (scores - raw_scores * scale).to(mask.device)
+        rewards_tok = -kl_ctl.value * kl_tok + task_tok  # (B, R)
         advantages, returns = losses.gae(rewards_tok, old_values, mask, cfg.gamma, cfg.lam)  # (B, R)
         if cfg.whiten_advantages:
             advantages = losses.whiten(advantages, mask) * mask
@@ -377,6 +453,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
             **({f"reward/{n}": sum(v) / len(v) for n, v in parts.items()} if len(parts) > 1 else {}),
             "kl": kl_seq, "kl_coef": kl_ctl.value, "entropy": entropy,
             "response_length/mean": sum(exp.response_lengths) / B,
+            **({"reward/segments_per_response": n_segments / B} if cfg.reward_segments != "sequence" else {}),
             "truncated_fraction": sum(exp.truncated) / B,
             "explained_variance": explained_variance(old_values, returns, mask),
             "ppo/updates": len(update_metrics), "ppo/stopped_early": float(stopped_early),
