@@ -62,3 +62,39 @@ def test_rollout_merges_lora_for_generation_and_restores_the_base(tiny_llama):
     for n, p in model.named_parameters():
         if "lora_" not in n:
             torch.testing.assert_close(p.detach(), base[n], atol=1e-6, rtol=0)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("reserve", [1, 64])
+def test_growing_cache_generates_what_the_dynamic_cache_does(fixture, reserve, request):
+    """Left-padded prompts, sampled and greedy: the same tokens and logits as transformers' default
+    cache, whether the buffers were big enough (reserve 64) or had to double (reserve 1)."""
+    model, tok = load_policy(ModelConfig(name_or_path=request.getfixturevalue(fixture)))
+    model.eval()
+    batch = tok(["a b c d e f g h", "a", "a b c"], return_tensors="pt", padding=True, add_special_tokens=False)
+    for do_sample in (False, True):
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=do_sample, top_k=0, pad_token_id=tok.pad_token_id,
+                  output_logits=True, return_dict_in_generate=True)
+        outs = []
+        for cache in (None, R.growing_cache(model, reserve)):
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                outs.append(model.generate(**batch, **kw, **({"past_key_values": cache} if cache is not None else {})))
+            if cache is not None:
+                grown = cache.layers[0]._k.shape[-2]
+                assert grown >= batch["input_ids"].shape[1] + 12 and (reserve == 64 or grown > batch["input_ids"].shape[1] + 1)
+        assert torch.equal(outs[0].sequences, outs[1].sequences)
+        torch.testing.assert_close(torch.stack(outs[0].logits), torch.stack(outs[1].logits), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.unit
+def test_growing_cache_only_for_full_attention_decoders(tiny_t5, tiny_llama):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t5, _ = load_policy(ModelConfig(name_or_path=tiny_t5))
+    assert R.growing_cache(t5, 8) is None
+    cfg = AutoConfig.from_pretrained(tiny_llama)
+    assert R.growing_cache(AutoModelForCausalLM.from_config(cfg), 8) is not None
+    cfg.sliding_window = 4
+    assert R.growing_cache(AutoModelForCausalLM.from_config(cfg), 8) is None
