@@ -112,8 +112,7 @@ class Engine:
             groups.setdefault(lr, []).append(p)
         # fused AdamW (one pass over each parameter instead of ~10 tensor ops): 15 -> 5 ms per step
         # on benchmarks/ilql.py (4.2M-parameter GPT-2, one thread)
-        optimizer = make_adamw([p for _, p in named] if len(groups) == 1 and cfg.lr in groups else
-                               [{"params": ps, "lr": lr} for lr, ps in groups.items()], cfg)
+        optimizer = make_adamw([{"params": ps, "lr": lr} for lr, ps in groups.items()], cfg)
         scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                                   optimizer, num_warmup_steps=cfg.warmup_steps * updates_per_step,
                                   num_training_steps=total_steps * updates_per_step)

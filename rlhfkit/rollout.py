@@ -72,7 +72,6 @@ def lora_merged(model: nn.Module):
             lm.unmerge_adapter()
 
 
-@torch.inference_mode()
 def growing_cache(hf: nn.Module, reserve: int):
     """A KV cache for ``generate`` that writes each step's keys and values into preallocated
     buffers (``reserve`` tokens beyond the prompt, doubled if outgrown) where transformers'
@@ -114,6 +113,7 @@ def growing_cache(hf: nn.Module, reserve: int):
     return Cache(layer_class_to_replicate=GrowingLayer)
 
 
+@torch.inference_mode()
 def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
                  max_new_tokens: Optional[int] = None) -> list[list[int]]:
     """Response token ids for each prompt (cut after the first EOS, which is kept).

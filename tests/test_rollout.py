@@ -98,3 +98,14 @@ def test_growing_cache_only_for_full_attention_decoders(tiny_t5, tiny_llama):
     assert R.growing_cache(AutoModelForCausalLM.from_config(cfg), 8) is not None
     cfg.sliding_window = 4
     assert R.growing_cache(AutoModelForCausalLM.from_config(cfg), 8) is None
+
+
+@pytest.mark.unit
+def test_generate_ids_runs_generate_under_inference_mode(tiny_llama, monkeypatch):
+    model, tok = load_policy(ModelConfig(name_or_path=tiny_llama))
+    seen = []
+    original = type(model).generate
+    monkeypatch.setattr(type(model), "generate",
+                        lambda self, *a, **k: seen.append(torch.is_inference_mode_enabled()) or original(self, *a, **k))
+    R.generate_ids(model, tok, [[5, 6, 7]], GenerationConfig(do_sample=False, max_new_tokens=2))
+    assert seen == [True]

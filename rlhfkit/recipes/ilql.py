@@ -77,7 +77,8 @@ from rlhfkit.data import (
 )
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import (
-    PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, load_policy, save_pretrained, unwrap,
+    PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, load_policy, save_pretrained,
+    unwrap,
 )
 from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, keep_freed_memory, logger, seed_everything
 
