@@ -249,9 +249,12 @@ def semantic_relevance_pairs(texts: Sequence[str], sources: Sequence[str], model
         raise UserError(f"semantic_relevance: {len(texts)} texts for {len(sources)} sources")
     if not len(texts):
         return []
-    e = embed(list(texts) + list(sources), model_path, **kwargs)  # (2N, H)
-    n = len(texts)
-    return (e[:n] * e[n:]).sum(-1).tolist()  # unit vectors: dot product = cosine
+    unique = list(dict.fromkeys([*texts, *sources]))  # each distinct text embedded once (sources repeat per model/sample)
+    at = {t: i for i, t in enumerate(unique)}
+    e = embed(unique, model_path, **kwargs)  # (U, H)
+    a = e[[at[t] for t in texts]]  # (N, H)
+    b = e[[at[s] for s in sources]]  # (N, H)
+    return (a * b).sum(-1).tolist()  # unit vectors: dot product = cosine
 
 
 def semantic_relevance(texts: Sequence[str], sources: Sequence[str], model_path: Optional[str] = None,

@@ -381,3 +381,49 @@ def test_token_kl_on_greedy_responses(tiny_llama, tmp_path):
     m = evaluate.run(cfg)
     assert m["kl_estimator"] == "token" and m["kl"]["before"] == 0.0
     assert m["kl"]["other"] == pytest.approx(float(np.mean(kl)), abs=1e-5)
+
+
+@pytest.mark.unit
+def test_samples_per_prompt_scores_every_sample(tiny_llama, tmp_path):
+    from profanity_check import predict_prob
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.config import GenerationConfig
+    from rlhfkit.rollout import generate
+
+    texts = ["the cat sees", "a dog runs to the", "hello friend"]
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in texts])
+    gen = {"max_new_tokens": 8, "batch_size": 4, "do_sample": True}
+    cfg = load_config(evaluate.Config, write_config(tmp_path / "e.yaml", {
+        "models": [{"name": "before", "model": {"name_or_path": tiny_llama}}],
+        "data": {"path": data, "chat_template": "false"}, "generation": gen, "seed": 5, "samples_per_prompt": 3,
+        "output_dir": str(tmp_path / "out"), "progress": False}))
+    m = evaluate.run(cfg)
+    assert m["prompts"] == 3 and m["samples_per_prompt"] == 3
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    expected = generate(base, tok, [t for t in texts for _ in range(3)], GenerationConfig(**gen), seed=5)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(3) for j in range(3)]
+    assert [r["completions"]["before"] for r in rows] == expected
+    assert len(set(expected)) > 3  # the k samples of a prompt differ: not one completion copied
+    p = predict_prob(expected)
+    assert m["toxicity"]["before"]["mean"] == pytest.approx(float(np.mean(p)), abs=1e-9)  # over all 9, not per prompt
+    assert m["toxicity"]["before"]["std"] == pytest.approx(float(np.std(p)), abs=1e-9)
+    assert "3 prompts x 3 samples" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("extra, message", [
+    ({"generation": {"do_sample": False}}, "needs generation.do_sample=true"),
+    ({"generation": {"do_sample": True}, "models": [{"name": "before"}]}, "read theirs from the file"),
+    ({"samples_per_prompt": 0}, "samples_per_prompt must be >= 1"),
+])
+def test_samples_per_prompt_config_errors(extra, message, tiny_llama, tmp_path):
+    from rlhfkit.config import ConfigError
+
+    cfg = {"models": [{"name": "before", "model": {"name_or_path": tiny_llama}}], "data": {"path": "x.jsonl"},
+           "samples_per_prompt": 2, **extra}
+    with pytest.raises(ConfigError, match=message):
+        load_config(evaluate.Config, write_config(tmp_path / "e.yaml", cfg))

@@ -10,7 +10,7 @@ import pytest
 
 from rlhfkit.config import UserError
 from rlhfkit.metrics import (
-    bradley_terry, elo_ratings, improvement, rouge, semantic_relevance, semantic_relevance_pairs,
+    bradley_terry, elo_ratings, embed, improvement, rouge, semantic_relevance, semantic_relevance_pairs,
     toxicity_change, win_rate,
 )
 
@@ -100,5 +100,8 @@ def test_semantic_relevance():
         [text, text], ["Someone performs a song on guitar at a concert.", "The stock market fell sharply today."]
     )
     assert sims[0] > sims[1] + 0.3
+    # repeated texts are embedded once: the same cosines as embedding every text of every pair
+    e = embed([text, "Someone performs a song on guitar at a concert.", "The stock market fell sharply today."])
+    assert sims == pytest.approx([float(e[0] @ e[1]), float(e[0] @ e[2])], abs=1e-5)
     assert semantic_relevance([text, text], [text, "The stock market fell sharply today."]) == pytest.approx(
         (1.0 + sims[1]) / 2, abs=1e-5)

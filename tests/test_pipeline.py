@@ -70,6 +70,12 @@ def test_demo_quick(tmp_path):
     before, after = m["toxicity"]["before"]["mean"], m["toxicity"]["after"]["mean"]
     assert headline["mean_improvement_pct"] == pytest.approx(100 * (before - after) / before)
     assert headline["ppo_steps"] == 3
+    # the eval samples 4 answers for each of the 8 held-out prompts, and every metric covers all 32
+    assert m["samples_per_prompt"] == headline["eval_samples_per_prompt"] == 4 and m["prompts"] == 8
+    samples = [json.loads(x) for x in (out / "eval/samples.jsonl").read_text().splitlines()]
+    assert sorted((s["index"], s["sample"]) for s in samples) == [(i, j) for i in range(8) for j in range(4)]
+    tox_after = [s["toxicity"]["after"] for s in samples]
+    assert after == pytest.approx(sum(tox_after) / 32)
     report = (out / "report.md").read_text()
     assert "![PPO reward and KL](ppo_curves.png)" in report
     assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,9 @@
 
 It runs the pipeline in ``examples/demo_detox.yaml`` (PPO against alt-profanity-check's
 non-toxicity with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
-on held-out prompts with one fixed greedy decoding config) and writes ``<output_dir>/report.md``:
+on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
+prompt, so the figures measure how each model behaves rather than which way one greedy argmax
+happens to fall) and writes ``<output_dir>/report.md``:
 the headline figures (mean / std toxicity change in percent, relevance kept, KL), reward and KL
 curves of the PPO run, and the evaluation report (histograms, sample table).
 
@@ -73,7 +75,8 @@ def write_report(out_dir: Path, quick: bool) -> dict:
         "mean_improvement_pct": tox.get("mean_improvement_pct"), "std_improvement_pct": tox.get("std_improvement_pct"),
         "relevance_before": rel.get("before"), "relevance_after": rel.get("after"), "relevance_ratio": rel_ratio,
         "kl_after_to_before": kl, "ppo_train_seconds": ppo_summary.get("train_seconds"),
-        "ppo_steps": ppo_summary.get("steps"), "quick": quick,
+        "ppo_steps": ppo_summary.get("steps"), "eval_prompts": m.get("prompts"),
+        "eval_samples_per_prompt": m.get("samples_per_prompt", 1), "quick": quick,
     }
     fmt = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     eval_report = (eval_dir / "report.md").read_text().replace("](", "](eval/")
@@ -86,6 +89,7 @@ def write_report(out_dir: Path, quick: bool) -> dict:
 | relevance to source (MiniLM cosine) | {fmt(rel.get('before'))} | {fmt(rel.get('after'))} | x{fmt(rel_ratio, 2)} |
 | sampled KL(after \\|\\| before), nats per response | | {fmt(kl)} | |
 
+Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} sampled answers per model.
 PPO: {ppo_summary.get('steps')} steps in {fmt(ppo_summary.get('train_seconds'), 0)} s; curves below.
 
 ![PPO reward and KL](ppo_curves.png)

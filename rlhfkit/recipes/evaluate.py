@@ -93,6 +93,11 @@ class Config:
     """The one decoding config every generating model uses."""
     seed: int = 0
     """Seed of generation (the same for every model)."""
+    samples_per_prompt: int = 1
+    """Completions generated per prompt and model (needs ``generation.do_sample``). Every metric is
+    taken over all completions, so a policy's sampled behaviour is measured rather than one draw or
+    its greedy mode, whose argmax flips under small policy changes; ``samples.jsonl`` has one row
+    per (prompt, sample) and win rates compare the models' k-th samples of a prompt."""
     rewards: list[RewardConfig] = field(default_factory=list)
     """Reward functions to report (mean per model, each on its own and their weighted sum ``total``)."""
     toxicity: Optional[str] = "profanity_check"
@@ -153,6 +158,16 @@ class Config:
             raise ConfigError(f"kl_batch_size must be > 0, got {self.kl_batch_size}")
         if self.report_samples < 0:
             raise ConfigError(f"report_samples must be >= 0, got {self.report_samples}")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.samples_per_prompt > 1:
+            if not self.generation.do_sample:
+                raise ConfigError(f"samples_per_prompt={self.samples_per_prompt} needs generation.do_sample=true "
+                                  "(greedy decoding gives the same completion every time)")
+            from_file = [m.name for m in self.models if m.from_file]
+            if from_file:
+                raise ConfigError(f"samples_per_prompt={self.samples_per_prompt} needs generated completions; "
+                                  f"models {from_file} read theirs from the file (one per row)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +399,9 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
                 f"max_new_tokens={g.max_new_tokens}, seed={cfg.seed}")
     if "generated" not in m["completions_from"].values():
         decoding = "none (every model's completions come from the file)"
+    per = f" x {m['samples_per_prompt']} samples" if m.get("samples_per_prompt", 1) > 1 else ""
     out = [f"# Evaluation: {' vs '.join(names)}\n",
-           f"{m['prompts']} prompts from `{cfg.data.path}`. Decoding: {decoding}. Judge: `{m['judge']}`; "
+           f"{m['prompts']} prompts{per} from `{cfg.data.path}`. Decoding: {decoding}. Judge: `{m['judge']}`; "
            f"baseline: `{base}`.\n", "## Models\n"]
     header = ["model", "completions"]
     cols: list = []
@@ -434,7 +450,8 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
             if s is None:
                 trows.append(["…"] * len(header))
                 continue
-            trows.append([str(s["index"] + 1), _cell(s["prompt"]), _cell(s["completions"][base]),
+            number = f"{s['index'] + 1}" + (f".{s['sample'] + 1}" if "sample" in s else "")  # prompt.sample
+            trows.append([number, _cell(s["prompt"]), _cell(s["completions"][base]),
                           _cell(s["completions"][last]), s["rewards"][base], s["rewards"][last], s["gain"]])
         out.append(_table(header, trows))
     return "\n".join(out)
@@ -447,7 +464,8 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
 
 def summarize(m: dict, seconds: float) -> dict:
     """The headline numbers of ``metrics.json`` for ``summary.json`` (the run viewer's run table)."""
-    s = {"command": "eval", "prompts": m["prompts"], "models": m["models"], "judge": m["judge"],
+    s = {"command": "eval", "prompts": m["prompts"], "samples_per_prompt": m.get("samples_per_prompt", 1),
+         "models": m["models"], "judge": m["judge"],
          "judge_mean": m["judge_mean"]}
     if "win_rate_vs_baseline" in m:
         s["win_rate_vs_baseline"] = m["win_rate_vs_baseline"]
@@ -470,6 +488,11 @@ def run(cfg: Config, resume: bool = False) -> dict:
         table = Table(table.rows[: cfg.data.max_rows], table.source, table.row_numbers[: cfg.data.max_rows])
     if not table.rows:
         raise UserError(f"{table.source}: no rows to evaluate")
+    k = cfg.samples_per_prompt
+    n_prompts = len(table.rows)
+    if k > 1:  # each row k times in a row: one seeded generation pass samples k completions of it
+        table = Table([r for r in table.rows for _ in range(k)], table.source,
+                      [n for n in (table.row_numbers or range(1, n_prompts + 1)) for _ in range(k)])
     prompts = [user_prompt(table, i, cfg.data) for i in range(len(table.rows))]
     references = text_column(table, cfg.reference_column, "reference_column") if cfg.reference_column else None
     sources = text_column(table, cfg.source_column, "source_column") if cfg.source_column else None
@@ -485,7 +508,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if judge_name not in valid:
         raise ConfigError(f"judge '{judge_name}' is not a configured score; choose one of {valid}")
     names = [e.name for e in cfg.models]
-    logger.info(f"eval: {len(prompts)} prompts from {table.source}; models {names}; judge {judge_name}")
+    logger.info(f"eval: {n_prompts} prompts x {k} sample(s) from {table.source}; models {names}; judge {judge_name}")
 
     # ---- completions (generated or read) and sampled KL, one model in memory at a time ----
     device = pick_device(cfg.cpu)
@@ -517,7 +540,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
             completions[e.name], responses = generate_samples(model, tok, wrapped, cfg.generation, cfg.seed,
                                                               cfg.progress, f"generate {e.name}")
         tokens[e.name] = token_count(tok, completions[e.name]) if tok is not None else None
-        if ref_model is not None and model is not None:
+        if model is not None and model is ref_model:
+            kl[e.name] = 0.0  # the reference itself: no forwards needed
+        elif ref_model is not None and model is not None:
             if not same_tokenizer(tok, ref_tok):
                 raise UserError(f"models '{e.name}': KL needs the reference's tokenizer; this model's differs")
             kl_fn = sampled_kl if cfg.generation.do_sample else token_kl
@@ -532,7 +557,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     gc.collect()
 
     # ---- scores ----
-    m: dict = {"command": "eval", "prompts": len(prompts), "models": names, "baseline": names[0], "judge": judge_name,
+    m: dict = {"command": "eval", "prompts": n_prompts, "samples_per_prompt": k, "models": names, "baseline": names[0],
+               "judge": judge_name,
                "completions_from": {e.name: ("file" if e.from_file else "generated") for e in cfg.models}}
     judge: dict[str, list[float]] = {}
     tox: dict[str, list[float]] = {}
@@ -587,7 +613,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
             row["toxicity"] = {n: tox[n][i] for n in names}
         if parts_per_model:
             row["scores"] = {k: {n: parts_per_model[n][k][i] for n in names} for k in parts_per_model[names[0]]}
-        row["index"] = i
+        row["index"] = i // k  # the prompt's position in the file (0-based)
+        if k > 1:
+            row["sample"] = i % k
         samples.append(row)
     if len(names) > 1:
         samples.sort(key=lambda r: -r["gain"])  # stable: equal gains keep prompt order
