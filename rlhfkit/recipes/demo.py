@@ -89,7 +89,7 @@ def write_report(out_dir: Path, quick: bool) -> dict:
 | relevance to source (MiniLM cosine) | {fmt(rel.get('before'))} | {fmt(rel.get('after'))} | x{fmt(rel_ratio, 2)} |
 | sampled KL(after \\|\\| before), nats per response | | {fmt(kl)} | |
 
-Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} sampled answers per model.
+Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} answers per model.
 PPO: {ppo_summary.get('steps')} steps in {fmt(ppo_summary.get('train_seconds'), 0)} s; curves below.
 
 ![PPO reward and KL](ppo_curves.png)

@@ -488,11 +488,11 @@ def run(cfg: Config, resume: bool = False) -> dict:
         table = Table(table.rows[: cfg.data.max_rows], table.source, table.row_numbers[: cfg.data.max_rows])
     if not table.rows:
         raise UserError(f"{table.source}: no rows to evaluate")
-    k = cfg.samples_per_prompt
+    per_prompt = cfg.samples_per_prompt
     n_prompts = len(table.rows)
-    if k > 1:  # each row k times in a row: one seeded generation pass samples k completions of it
-        table = Table([r for r in table.rows for _ in range(k)], table.source,
-                      [n for n in (table.row_numbers or range(1, n_prompts + 1)) for _ in range(k)])
+    if per_prompt > 1:  # each row repeated in place: one seeded generation pass samples all its completions
+        table = Table([r for r in table.rows for _ in range(per_prompt)], table.source,
+                      [n for n in (table.row_numbers or range(1, n_prompts + 1)) for _ in range(per_prompt)])
     prompts = [user_prompt(table, i, cfg.data) for i in range(len(table.rows))]
     references = text_column(table, cfg.reference_column, "reference_column") if cfg.reference_column else None
     sources = text_column(table, cfg.source_column, "source_column") if cfg.source_column else None
@@ -508,7 +508,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if judge_name not in valid:
         raise ConfigError(f"judge '{judge_name}' is not a configured score; choose one of {valid}")
     names = [e.name for e in cfg.models]
-    logger.info(f"eval: {n_prompts} prompts x {k} sample(s) from {table.source}; models {names}; judge {judge_name}")
+    logger.info(f"eval: {n_prompts} prompts x {per_prompt} sample(s) from {table.source}; models {names}; "
+                f"judge {judge_name}")
 
     # ---- completions (generated or read) and sampled KL, one model in memory at a time ----
     device = pick_device(cfg.cpu)
@@ -557,8 +558,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     gc.collect()
 
     # ---- scores ----
-    m: dict = {"command": "eval", "prompts": n_prompts, "samples_per_prompt": k, "models": names, "baseline": names[0],
-               "judge": judge_name,
+    m: dict = {"command": "eval", "prompts": n_prompts, "samples_per_prompt": per_prompt, "models": names,
+               "baseline": names[0], "judge": judge_name,
                "completions_from": {e.name: ("file" if e.from_file else "generated") for e in cfg.models}}
     judge: dict[str, list[float]] = {}
     tox: dict[str, list[float]] = {}
@@ -613,9 +614,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
             row["toxicity"] = {n: tox[n][i] for n in names}
         if parts_per_model:
             row["scores"] = {k: {n: parts_per_model[n][k][i] for n in names} for k in parts_per_model[names[0]]}
-        row["index"] = i // k  # the prompt's position in the file (0-based)
-        if k > 1:
-            row["sample"] = i % k
+        row["index"] = i // per_prompt  # the prompt's position in the file (0-based)
+        if per_prompt > 1:
+            row["sample"] = i % per_prompt
         samples.append(row)
     if len(names) > 1:
         samples.sort(key=lambda r: -r["gain"])  # stable: equal gains keep prompt order
