@@ -249,7 +249,7 @@ def semantic_relevance_pairs(texts: Sequence[str], sources: Sequence[str], model
         raise UserError(f"semantic_relevance: {len(texts)} texts for {len(sources)} sources")
     if not len(texts):
         return []
-    unique = list(dict.fromkeys([*texts, *sources]))  # each distinct text embedded once (sources repeat per model/sample)
+    unique = list(dict.fromkeys([*texts, *sources]))  # each distinct text once
     at = {t: i for i, t in enumerate(unique)}
     e = embed(unique, model_path, **kwargs)  # (U, H)
     a = e[[at[t] for t in texts]]  # (N, H)
