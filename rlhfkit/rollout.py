@@ -1,9 +1,9 @@
 """Rollout: generation (transformers ``generate`` with the KV cache) and no-grad scoring passes.
 
 Causal prompts are left-padded so every response starts at the same column; responses are cut
-after their first EOS. ``GenerationConfig.output_length_range`` draws ``max_new_tokens`` per
-batch (trlX's LengthSampler). The vLLM backend (``generation.backend=vllm``) is an optional GPU
-extra.
+after their first EOS. Rows that repeat a prompt (several samples per prompt) share one prefill.
+``GenerationConfig.output_length_range`` draws ``max_new_tokens`` per batch (trlX's LengthSampler).
+The vLLM backend (``generation.backend=vllm``) is an optional GPU extra.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from rlhfkit.config import GenerationConfig, UserError
 from rlhfkit.data import Example, collate
@@ -113,6 +114,28 @@ def growing_cache(hf: nn.Module, reserve: int):
     return Cache(layer_class_to_replicate=GrowingLayer)
 
 
+def prefill_shared_prompts(lm: nn.Module, cache, prompt_ids: list[list[int]], inputs: dict) -> None:
+    """When prompts repeat in a batch (several samples per prompt: PPO's ``samples_per_prompt``,
+    GRPO's groups, eval's ``samples_per_prompt``), run the prefill once per distinct prompt and copy
+    its keys and values to the repeats: ``generate`` then only feeds each row's last prompt token.
+    ``generate`` itself prefills every row, so 4 samples per prompt cost 4 prefills. The logits
+    are the same up to float rounding and the sampling draws the same random numbers. Nothing is
+    done when every prompt is distinct. ``generate_ids`` calls it only with the growing cache
+    (full-attention decoders) and a transformers model under ``lm``, not ILQL's shifted decoder."""
+    slot: dict[tuple, int] = {}
+    rows = [slot.setdefault(tuple(p), len(slot)) for p in prompt_ids]  # each row's distinct prompt
+    if len(slot) == len(prompt_ids) or inputs["input_ids"].shape[1] < 2:
+        return
+    device = inputs["input_ids"].device
+    first = torch.tensor([rows.index(u) for u in range(len(slot))], device=device)  # (U,) a row of each
+    ids = inputs["input_ids"][first, :-1]  # (U, P - 1) all but the last prompt token
+    mask = inputs["attention_mask"][first, :-1]  # (U, P - 1)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (U, P - 1) left padding
+    lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
+       logits_to_keep=1)
+    cache.batch_select_indices(torch.tensor(rows, device=device))  # (U, ...) -> (B, ...)
+
+
 @torch.inference_mode()
 def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
                  max_new_tokens: Optional[int] = None) -> list[list[int]]:
@@ -132,6 +155,8 @@ def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: 
     lm.eval()
     kwargs = generation_kwargs(gen, tokenizer, max_new_tokens)
     cache = growing_cache(hf, kwargs["max_new_tokens"])
+    if cache is not None and isinstance(hf, PreTrainedModel):  # not a wrapper with its own generate (ILQL's)
+        prefill_shared_prompts(lm, cache, prompt_ids, inputs)
     out = lm.generate(**inputs, **kwargs, **({"past_key_values": cache} if cache is not None else {}))
     lm.train(was_training)
     start = 1 if seq2seq else inputs["input_ids"].shape[1]  # seq2seq output starts with decoder_start

@@ -109,3 +109,32 @@ def test_generate_ids_runs_generate_under_inference_mode(tiny_llama, monkeypatch
                         lambda self, *a, **k: seen.append(torch.is_inference_mode_enabled()) or original(self, *a, **k))
     R.generate_ids(model, tok, [[5, 6, 7]], GenerationConfig(do_sample=False, max_new_tokens=2))
     assert seen == [True]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_repeated_prompts_are_prefilled_once(fixture, request, monkeypatch):
+    """Rows that repeat a prompt share one prefill: the model's first forward sees each distinct
+    prompt once (without its last token), and the tokens drawn, sampled or greedy, are the ones
+    generate draws when it prefills every row itself."""
+    model, tok = load_policy(ModelConfig(name_or_path=request.getfixturevalue(fixture)))
+    model.eval()
+    a, b, c = ([tok(t, add_special_tokens=False)["input_ids"] for t in ("a b c d e f g h", "a", "a b c")])
+    ids = [a, b, a, c, b, a]  # 3 distinct prompts, 6 rows; b is one token: its prefill row is all padding
+    width = max(map(len, ids))
+    for do_sample in (True, False):
+        gen = GenerationConfig(do_sample=do_sample, top_k=0, max_new_tokens=10, min_new_tokens=10)
+        shapes = []
+        hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                               with_kwargs=True)
+        torch.manual_seed(0)
+        shared = R.generate_ids(model, tok, ids, gen)
+        hook.remove()
+        assert shapes[:2] == [(3, width - 1), (6, 1)]  # distinct prompts minus their last token; then every row's last
+        assert len(shapes) == 11  # the prefill, then 10 decoding steps
+        with monkeypatch.context() as mp:
+            mp.setattr(R, "prefill_shared_prompts", lambda *a: None)
+            torch.manual_seed(0)
+            alone = R.generate_ids(model, tok, ids, gen)
+        assert shared == alone
+        assert shared[0] != shared[2] or not do_sample  # the repeats are separate samples
