@@ -427,8 +427,12 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML to ``path`` (a run's ``config.yaml``). A ``summary.json`` beside it is
+    removed: it marked an earlier run finished, and with this config beside it a pipeline would take
+    the new run, should it fail, for finished (recipes write ``summary.json`` last, on success)."""
     from rlhfkit.utils import atomic_write_text
 
+    Path(path).with_name("summary.json").unlink(missing_ok=True)
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -122,3 +122,32 @@ def test_eval_stage_writes_summary_and_is_skipped_on_rerun(tiny_llama, tmp_path,
     pipeline.run(cfg, overrides=["ev.seed=1"])
     assert json.loads((out / "summary.json").read_text())["toxicity_mean"]["file"] == pytest.approx(sum(tox) / 3)
     assert (out / "metrics.json").stat().st_mtime_ns != mtime
+
+
+@pytest.mark.unit
+def test_a_failed_run_by_hand_is_not_taken_for_finished(tiny_llama, tmp_path, monkeypatch):
+    """A run that starts in a folder holding an earlier run's summary.json removes it, so if it fails, a
+    pipeline with the same config (now beside it in config.yaml) runs the stage instead of skipping it."""
+    from helpers import sft_config, sft_rows
+    from rlhfkit.config import from_dict, to_dict
+    from rlhfkit.engine import Engine
+    from rlhfkit.recipes import pipeline, sft
+
+    out = tmp_path / "pipe" / "s"
+    stage = to_dict(sft_config(tiny_llama, write_jsonl(tmp_path / "d.jsonl", sft_rows(16)), out, max_steps=1,
+                               batch_size=2))
+    pcfg = from_dict(pipeline.Config, {"output_dir": str(tmp_path / "pipe"),
+                                       "stages": [{"name": "s", "command": "sft", "config": stage}]})
+    cfg, _ = pipeline.stage_config(pcfg.stages[0], pcfg.output_dir, {}, [])  # the stage's config, as resolved
+    assert sft.run(cfg)["steps"] == 1 and (out / "summary.json").is_file()  # a finished run by hand
+    cfg.train.max_steps = 2  # another config, run by hand, fails before it finishes
+
+    def killed(self, *a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Engine, "finish", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        sft.run(cfg)
+    monkeypatch.undo()
+    assert not (out / "summary.json").exists()
+    assert pipeline.run(pcfg, overrides=["s.train.max_steps=2"])["s"]["steps"] == 2  # run, not skipped
