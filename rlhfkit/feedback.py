@@ -125,7 +125,7 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: Sequenc
     left (the question at the end is kept).
     """
     from rlhfkit.data import Example, collate, encode_prompt
-    from rlhfkit.models import PolicyModel, unwrap
+    from rlhfkit.models import PolicyModel, left_pad_positions, unwrap
 
     hf = unwrap(model)
     seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
@@ -153,7 +153,7 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: Sequenc
                     start = torch.full((len(inputs["input_ids"]), 1), hf.config.decoder_start_token_id, device=device)
                     logits = model(**inputs, decoder_input_ids=start).logits[:, -1]  # (B, V)
                 else:
-                    pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # (B, T) as generate() counts
+                    pos = left_pad_positions(inputs["attention_mask"])  # (B, T) as generate() counts
                     try:  # only the last position's logits: (B, 1, V) instead of (B, T, V)
                         logits = model(**inputs, position_ids=pos, logits_to_keep=1).logits[:, -1]  # (B, V)
                     except TypeError:  # a model without logits_to_keep

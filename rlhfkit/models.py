@@ -188,6 +188,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count from each row's first real token, as ``generate`` does for
+    left-padded rows (padding gets 0): (B, T) -> (B, T). Models with absolute position
+    embeddings (GPT-2) otherwise depend on the padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
@@ -315,9 +322,7 @@ class PolicyModel(nn.Module):
                         return shared
                     if width < real.shape[1]:
                         return self._compacted(input_ids, labels, real, width, with_entropy)
-                # left padding: count positions from each row's first real token, as generate() does;
-                # models with absolute position embeddings (GPT-2) otherwise depend on the padding
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                position_ids = left_pad_positions(attention_mask)  # (B, T)
             sel = torch.zeros_like(mask)
             sel[:, 1:] = mask[:, 1:]  # position t is predicted by the hidden state at t - 1
             if self._plain_head:
@@ -578,7 +583,7 @@ def load_value_head(model: PolicyModel, folder: str | os.PathLike) -> None:
 __all__ = [
     "PolicyModel", "PrefixTree", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer",
     "prefix_sharing_supported", "prefix_tree", "prefix_tree_states", "save_pretrained", "token_logprobs", "unwrap",
-    "pick_device", "resolve_dtype", "is_seq2seq_config",
+    "pick_device", "resolve_dtype", "is_seq2seq_config", "left_pad_positions",
 ]
 
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from rlhfkit.config import GenerationConfig, UserError
 from rlhfkit.data import Example, collate
-from rlhfkit.models import PolicyModel, unwrap
+from rlhfkit.models import PolicyModel, left_pad_positions, unwrap
 
 
 def generation_kwargs(gen: GenerationConfig, tokenizer, max_new_tokens: Optional[int] = None) -> dict:
@@ -130,7 +130,7 @@ def prefill_shared_prompts(lm: nn.Module, cache, prompt_ids: list[list[int]], in
     first = torch.tensor([rows.index(u) for u in range(len(slot))], device=device)  # (U,) a row of each
     ids = inputs["input_ids"][first, :-1]  # (U, P - 1) all but the last prompt token
     mask = inputs["attention_mask"][first, :-1]  # (U, P - 1)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (U, P - 1) left padding
+    position_ids = left_pad_positions(mask)  # (U, P - 1)
     lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
        logits_to_keep=1)
     cache.batch_select_indices(torch.tensor(rows, device=device))  # (U, ...) -> (B, ...)

@@ -76,7 +76,7 @@ def write_report(out_dir: Path, quick: bool) -> dict:
         "relevance_before": rel.get("before"), "relevance_after": rel.get("after"), "relevance_ratio": rel_ratio,
         "kl_after_to_before": kl, "ppo_train_seconds": ppo_summary.get("train_seconds"),
         "ppo_steps": ppo_summary.get("steps"), "eval_prompts": m.get("prompts"),
-        "eval_samples_per_prompt": m.get("samples_per_prompt", 1), "quick": quick,
+        "eval_samples_per_prompt": m["samples_per_prompt"], "quick": quick,
     }
     fmt = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     eval_report = (eval_dir / "report.md").read_text().replace("](", "](eval/")

@@ -48,7 +48,7 @@ from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig
 from rlhfkit.config import save_config
 from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
                           wrap_prompt)
-from rlhfkit.models import PolicyModel, load_policy, load_tokenizer, pick_device, unwrap
+from rlhfkit.models import PolicyModel, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
 from rlhfkit.rewards import Toxicity, build_reward, validate_reward
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
 
@@ -254,7 +254,7 @@ def response_logits(model, batch: dict) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in,
                     decoder_attention_mask=batch.get("decoder_attention_mask"), use_cache=False)
         return out.logits[mask]  # (N, V)
-    position_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding
+    position_ids = left_pad_positions(batch["attention_mask"])  # (B, T)
     T, P = mask.shape[1], max(1, int(mask.any(0).long().argmax()))  # collate's layout: responses start at column P
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
                 use_cache=False, logits_to_keep=T - P + 1)  # the LM head on positions P - 1 .. T - 1 only
@@ -399,7 +399,7 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
                 f"max_new_tokens={g.max_new_tokens}, seed={cfg.seed}")
     if "generated" not in m["completions_from"].values():
         decoding = "none (every model's completions come from the file)"
-    per = f" x {m['samples_per_prompt']} samples" if m.get("samples_per_prompt", 1) > 1 else ""
+    per = f" x {m['samples_per_prompt']} samples" if m["samples_per_prompt"] > 1 else ""
     out = [f"# Evaluation: {' vs '.join(names)}\n",
            f"{m['prompts']} prompts{per} from `{cfg.data.path}`. Decoding: {decoding}. Judge: `{m['judge']}`; "
            f"baseline: `{base}`.\n", "## Models\n"]
@@ -464,7 +464,7 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
 
 def summarize(m: dict, seconds: float) -> dict:
     """The headline numbers of ``metrics.json`` for ``summary.json`` (the run viewer's run table)."""
-    s = {"command": "eval", "prompts": m["prompts"], "samples_per_prompt": m.get("samples_per_prompt", 1),
+    s = {"command": "eval", "prompts": m["prompts"], "samples_per_prompt": m["samples_per_prompt"],
          "models": m["models"], "judge": m["judge"],
          "judge_mean": m["judge_mean"]}
     if "win_rate_vs_baseline" in m:

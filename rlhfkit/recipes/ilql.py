@@ -77,8 +77,8 @@ from rlhfkit.data import (
 )
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import (
-    PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, load_policy, save_pretrained,
-    unwrap,
+    PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, left_pad_positions,
+    load_policy, save_pretrained, unwrap,
 )
 from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, keep_freed_memory, logger, seed_everything
 
@@ -394,7 +394,7 @@ class ILQLModel(nn.Module):
             P = int((labels != -100).any(0).long().argmax())
             position_ids = None
             if attention_mask is not None:  # left padding: count from each row's first real token
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                position_ids = left_pad_positions(attention_mask)  # (B, T)
             if self._plain_head:  # the LM head runs below, on the real actions only
                 h = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state  # (B, T, H)
