@@ -141,5 +141,5 @@ def test_view_cli_errors(tmp_path, capsys):
     assert cli(["view", str(tmp_path / "nope")]) == 2
     assert "no such run folder" in capsys.readouterr().err
     assert cli(["view", str(tmp_path), "--port", "x"]) == 2
-    assert "--port: expected int" in capsys.readouterr().err
+    assert "'port' expects int, got 'x'" in capsys.readouterr().err
     assert cli(["view", "--help"]) == 0

@@ -48,7 +48,7 @@ class Config:
     output_dir: str = "runs/pipeline"
     """Parent folder of the stages' output folders."""
     stages: list[StageConfig] = field(default_factory=list)
-    """The stages, run in order."""
+    """The stages, run in order; each a mapping of the ``stages[].*`` keys below."""
 
     def validate(self) -> None:
         from rlhfkit.cli import COMMANDS
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
         argv = ["--config", argv[0], *argv[1:]]
     path, overrides, flags = parse_args(argv)
     if flags["help"]:
-        print_help("run", Config)
+        print_help("run", Config, intro=__doc__)
         return 0
     if not path:
         raise UserError("usage: rlhfkit run PIPELINE.yaml [stage.key=value ...]")
