@@ -20,6 +20,8 @@ from rlhfkit.utils import read_jsonl
 pytestmark = pytest.mark.unit
 
 CHROMIUM = "/usr/bin/chromium"
+# screenshots the tests save for review (git-ignored); RLHFKIT_SCREENSHOTS moves them
+SCREENSHOTS = Path(os.environ.get("RLHFKIT_SCREENSHOTS", Path(__file__).parent / "screenshots"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -65,7 +67,7 @@ def test_label_three_pairs_with_the_keyboard(tmp_path: Path, page):
             assert page.inner_text("#prompt") == f"Question {i}?"
             shown.append((page.inner_text("#textA"), page.inner_text("#textB")))
             if i == 0:  # rate A 6 (mouse), write a note with the keyboard, then back to the keys
-                page.check("#respA input[value='6']")
+                page.click("#respA .scale label:nth-child(6)")
                 page.keyboard.press("n")
                 page.keyboard.type("clear winner")
                 page.keyboard.press("Escape")
@@ -87,6 +89,114 @@ def test_label_three_pairs_with_the_keyboard(tmp_path: Path, page):
         ("Question 0?", shown[0][0], shown[0][1]), ("Question 1?", shown[1][1], shown[1][0])]
     assert out[0]["chosen_rating"] == 6 and out[0]["annotators"] == ["alice"]
     assert report["dropped"] == {"tie": 1}
+
+
+XSS = '<script>window.__pwned = 1</script> <img src=x onerror="window.__pwned = 2">'
+CODE = "Use this:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nThen **call** it."
+LONG = "\n\n".join(f"Paragraph {i}: " + "a long answer " * 12 for i in range(60))
+CHAT = "Human: hi there\n\nAssistant: Hello! How can I help?\n\nHuman: write `code` please"
+
+
+def test_label_renders_safely_undoes_and_fits_a_phone(tmp_path: Path, browser):
+    """Markdown, code and chat turns render; script/onerror payloads stay text and never run; long
+    responses scroll inside their panes with the buttons in view; keys rate and undo; 390x844 fits."""
+    rows = [
+        {"prompt": "Explain " + XSS, "chosen": CODE, "rejected": LONG + "\n\n[x](javascript:window.__pwned=3) " + XSS},
+        {"prompt": CHAT, "chosen": "Sure: `print(1)` " + XSS, "rejected": "No."},
+        {"prompt": "Third?", "chosen": "yes", "rejected": "no"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "guide.md").write_text("# Guidelines\n\n- Prefer **correct** answers\n- Code must run\n")
+    cfg = load_config(LabelConfig, None, [f"path={tmp_path / 'pairs.jsonl'}", f"db={tmp_path / 'l.sqlite'}",
+                                          f"guidelines={tmp_path / 'guide.md'}"])
+    app = build_app(cfg)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with BackgroundServer(app.app) as srv:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(15_000)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#login-guidelines strong")
+        assert page.inner_text("#login-guidelines strong") == "correct"
+        assert page.evaluate("DOMPurify.version") == "3.5.0"  # the vendored sanitiser is what runs
+        page.fill("#name", "alice")
+        page.press("#name", "Enter")
+        page.wait_for_selector("#work:not(.hidden)")
+        first = page.get_attribute("#work", "data-pair-id")
+        # the payloads are shown as text and never run
+        assert XSS in page.inner_text("#prompt")
+        assert page.evaluate("window.__pwned") is None
+        assert page.eval_on_selector_all("#work script, #work img, #work [onerror]", "els => els.length") == 0
+        assert page.eval_on_selector_all("#work a", "as => as.map(a => a.getAttribute('href'))") in ([None], [])
+        side = "A" if "Use this" in page.inner_text("#textA") else "B"  # the A/B order is a coin flip
+        code = f"#text{side} pre code.language-python"
+        assert page.inner_text(code).rstrip() == "def add(a, b):\n    return a + b"
+        assert page.eval_on_selector(code, "c => getComputedStyle(c).fontFamily").startswith("ui-monospace")
+        # the long response scrolls inside its pane; buttons and both rating rows stay in view, aligned
+        other = "B" if side == "A" else "A"
+        assert page.eval_on_selector(f"#text{other}", "e => e.scrollHeight > e.clientHeight + 500")
+        boxes = {sel: page.locator(sel).bounding_box() for sel in (
+            "button[data-choice='skip']", "button.undo >> nth=0", "#respA .rating", "#respB .rating", "#note")}
+        assert all(b["y"] + b["height"] <= 800 for b in boxes.values()), boxes
+        assert boxes["#respA .rating"]["y"] == boxes["#respB .rating"]["y"]
+        page.keyboard.press("6")  # rate A 6, B 2 (Shift+digit), then A is better
+        page.keyboard.press("Shift+Digit2")
+        assert page.eval_on_selector("input[name=ratingA]:checked", "i => i.value") == "6"
+        assert page.eval_on_selector("input[name=ratingB]:checked", "i => i.value") == "2"
+        page.screenshot(path=str(SCREENSHOTS / "label_1280x800.png"))
+        page.keyboard.press("a")
+        page.wait_for_function("id => document.getElementById('work').dataset.pairId !== id", arg=first)
+        assert page.evaluate("document.getElementById('bar').value") == 1
+        # chat turns
+        assert page.eval_on_selector_all("#prompt .turn .role", "rs => rs.map(r => r.textContent)") == [
+            "human", "assistant", "human"]
+        assert page.inner_text("#prompt .turn:last-child code") == "code"
+        page.screenshot(path=str(SCREENSHOTS / "label_chat_1280x800.png"))
+        # u undoes: the first pair is back with its ratings; re-judge it B
+        page.keyboard.press("u")
+        page.wait_for_function("id => document.getElementById('work').dataset.pairId === id", arg=first)
+        assert page.eval_on_selector("input[name=ratingA]:checked", "i => i.value") == "6"
+        assert page.evaluate("document.getElementById('bar').value") == 0
+        assert page.is_disabled("button.undo >> nth=0")  # nothing left to undo
+        page.keyboard.press("b")
+        page.wait_for_function("id => document.getElementById('work').dataset.pairId !== id", arg=first)
+        page.keyboard.press("t")
+        page.wait_for_function("() => document.getElementById('bar').value === 2")
+        page.keyboard.press("x")
+        page.wait_for_selector("#done:not(.hidden)")
+        page.click("#done button.undo")  # the button undoes too: the third pair comes back
+        page.wait_for_selector("#work:not(.hidden)")
+        assert page.inner_text("#prompt") == "Third?"
+        page.keyboard.press("s")
+        page.wait_for_selector("#done:not(.hidden)")
+        page.keyboard.press("g")
+        page.wait_for_selector("#guide:not(.hidden) li")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#guide", state="hidden")
+        assert page.evaluate("window.__pwned") is None
+        page.close()
+
+        phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        phone.on("pageerror", lambda e: errors.append(str(e)))
+        phone.goto(srv.url + "/?annotator=bob")
+        phone.wait_for_selector("#work:not(.hidden)")
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+        for sel in ("button[data-choice]", "button.undo >> nth=0", ".rating .scale"):
+            for b in (phone.locator(sel).all() if "nth" not in sel else [phone.locator(sel)]):
+                box = b.bounding_box()
+                assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 844, (sel, box)
+        a, b = phone.locator("#respA").bounding_box(), phone.locator("#respB").bounding_box()
+        assert b["y"] >= a["y"] + a["height"]  # stacked
+        phone.screenshot(path=str(SCREENSHOTS / "label_390x844.png"))
+        phone.tap("button[data-choice='tie']")
+        phone.wait_for_function("() => document.getElementById('bar').value === 1")
+        phone.close()
+    assert errors == [], f"JavaScript errors: {errors}"
+    judged = [(j["annotator"], j["pressed"]) for j in app.store.judgement_rows()]
+    assert judged == [("alice", "B"), ("alice", "tie"), ("alice", "skip"), ("bob", "tie")]
+    j = app.store.judgement_rows()[0]
+    assert (j["rating_a"], j["rating_b"]) == ((2, 6) if j["swapped"] else (6, 2))  # as shown: A 6, B 2
 
 
 def test_view_draws_curves_and_follows_a_live_run(tmp_path: Path, page):
