@@ -230,7 +230,86 @@ def test_view_draws_curves_and_follows_a_live_run(tmp_path: Path, page):
             f.write(json.dumps({"step": 3, "reward/mean": 0.35, "kl": 0.07}) + "\n")
         page.wait_for_selector(".chart[data-metric='kl'][data-points='3']")
         (run / "summary.json").write_text(json.dumps({"command": "ppo", "steps": 3}))
-        page.wait_for_function("document.getElementById('live').textContent === 'all runs finished'")
-        polls = int(page.get_attribute("body", "data-polls"))
-        page.wait_for_timeout(1000)
-        assert int(page.get_attribute("body", "data-polls")) == polls  # polling stopped
+        # finished: polling slows down five times (it still looks for new run folders)
+        page.wait_for_function("document.getElementById('live').textContent.startsWith('all runs finished')")
+        assert page.inner_text("#live") == "all runs finished; looking for new runs every 1.5 s"
+
+
+def test_view_zoom_smoothing_log_search_groups_config_diff_and_new_runs(tmp_path: Path, browser):
+    """uPlot charts: hover values, drag zoom and double-click reset, EMA smoothing (checked by hand),
+    log scale, search, groups; a config diff of two ticked runs; a run folder created later appears."""
+    def make(name: str, lr: float, losses: list[float]) -> None:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(f"model: {{name_or_path: tiny}}\ntrain:\n  lr: {lr}\n  max_steps: 3\n")
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": s, "loss": v, "kl": 0.01 * s, "reward/mean": 0.1 * s, "tokens_per_second": 800 + s, "zz_custom": s})
+            + "\n" for s, v in enumerate(losses, start=1)))
+        (d / "summary.json").write_text(json.dumps({"command": "sft", "steps": len(losses)}))
+
+    make("a", 1e-5, [4.0, 2.0, 1.0])
+    make("b", 3e-5, [5.0, 3.0, 2.0])
+    app = ViewApp(discover_runs([str(tmp_path)]), poll_seconds=0.2, roots=[str(tmp_path)])
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with BackgroundServer(app.app) as srv:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(15_000)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        page.wait_for_selector(".chart[data-metric='loss'][data-points='6']")
+        groups = page.eval_on_selector_all("details.group", "ds => ds.map(d => [d.dataset.group, "
+                                           "[...d.querySelectorAll('.chart')].map(c => c.dataset.metric)])")
+        assert groups == [["reward", ["reward/mean"]], ["KL", ["kl"]], ["losses", ["loss"]],
+                          ["speed", ["tokens_per_second"]], ["other", ["zz_custom"]]]
+        labels = "c => c._plot.axes.map(a => a.label)"  # axis labels (uPlot draws them on the canvas)
+        assert page.eval_on_selector(".chart[data-metric='loss']", labels) == ["step", "loss"]
+        over = page.locator(".chart[data-metric='loss'] .u-over")
+        over.scroll_into_view_if_needed()
+        box = over.bounding_box()
+        # hover: the legend shows the values under the cursor (right edge: step 3, losses 1 and 2)
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] / 2, steps=3)
+        page.wait_for_function("() => document.querySelector(\".chart[data-metric='loss'] .u-legend .u-value\")"
+                               ".textContent !== '--'")
+        values = page.eval_on_selector_all(".chart[data-metric='loss'] .u-legend .u-value", "vs => vs.map(v => v.textContent)")
+        assert values == ["3", "1", "2"]
+        # drag to zoom into steps ~1.4-2.6; double-click resets to 1-3
+        page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + 20)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + 20, steps=5)
+        page.mouse.up()
+        zoom = page.eval_on_selector(".chart[data-metric='loss']", "c => [c._plot.scales.x.min, c._plot.scales.x.max]")
+        assert 1.3 < zoom[0] < 1.5 and 2.5 < zoom[1] < 2.7, zoom
+        page.mouse.dblclick(box["x"] + box["width"] / 2, box["y"] + 20)
+        assert page.eval_on_selector(".chart[data-metric='loss']", "c => [c._plot.scales.x.min, c._plot.scales.x.max]") == [1, 3]
+        # smoothing 0.5, TensorBoard's debiased EMA of run a's 4, 2, 1:
+        # 2/(1-.5) = 4; (2*.5+2*.5)/(1-.25) = 2.6667; (2*.5+1*.5)/(1-.125) = 1.7143
+        page.eval_on_selector("#smooth", "r => { r.value = '0.5'; r.dispatchEvent(new Event('input')); }")
+        smoothed = page.eval_on_selector(".chart[data-metric='loss']", "c => c._plot.data[2]")
+        assert smoothed == pytest.approx([4.0, 8 / 3, 12 / 7])
+        assert page.eval_on_selector(".chart[data-metric='loss']", "c => c._plot.data[1]") == [4, 2, 1]  # raw, faint
+        # log scale: log10 where every value is positive
+        page.check("#logscale")
+        assert page.eval_on_selector(".chart[data-metric='loss']", "c => c._plot.scales.y.distr") == 3
+        assert page.eval_on_selector(".chart[data-metric='loss']", labels) == ["step", "loss (log)"]
+        page.screenshot(path=str(SCREENSHOTS / "view_1280x900.png"), full_page=True)
+        # search: only matching charts (and their groups) stay visible
+        page.fill("#search", "kl")
+        page.wait_for_selector(".chart[data-metric='loss']", state="hidden")
+        visible = page.eval_on_selector_all(".chart:not(.hidden)", "cs => cs.map(c => c.dataset.metric)")
+        assert visible == ["kl"]
+        page.fill("#search", "")
+        # config diff between the two ticked runs: only train.lr differs
+        page.check("input[data-run='a']")
+        page.check("input[data-run='b']")
+        page.wait_for_selector("#diff tr[data-key]")
+        rows = page.eval_on_selector_all("#diff tr[data-key]", "rs => rs.map(r => [...r.cells].map(c => c.textContent))")
+        assert rows == [["train.lr", "1.0e-05", "3.0e-05"]] or rows == [["train.lr", "1e-05", "3e-05"]], rows
+        assert page.text_content("#diff h3") == "config diff: 1 of 3 keys differ"
+        # a run folder created now is picked up by the next polls
+        make("c", 1e-4, [3.0, 1.0, 0.5])
+        page.wait_for_selector(".chart[data-metric='loss'][data-points='9']", timeout=20_000)
+        assert "c (finished)" in page.inner_text("#legend")
+        page.close()
+    assert errors == [], f"JavaScript errors: {errors}"

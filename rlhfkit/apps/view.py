@@ -28,7 +28,13 @@ Evaluation folder (``rlhfkit eval``)::
     *.png           plots, shown as images
 
 While a run has no summary.json the page polls ``/api/runs/<id>/metrics?offset=N`` every few
-seconds and appends the new rows (a half-written last line waits for the next poll).
+seconds and appends the new rows (a half-written last line waits for the next poll). A run folder
+that appears later inside a folder given on the command line is picked up by the next poll of
+``/api/runs`` (the page keeps polling, five times slower, once every run has finished).
+
+The page draws one uPlot chart per metric (vendored in ``static/vendor/``, MIT): hover values,
+drag to zoom (double-click resets), EMA smoothing, log scale, metric search and groups (reward, KL,
+losses, speed, other), and a diff of ``config.yaml`` between the runs ticked in the runs table.
 """
 from __future__ import annotations
 
@@ -124,6 +130,32 @@ def run_status(run: Run) -> str:
     return "stopped"
 
 
+def flat_config(text: Optional[str]) -> Optional[dict]:
+    """``config.yaml`` as dotted keys -> values (lists kept whole), for the page's config diff; None
+    when absent or not a YAML mapping."""
+    import yaml
+
+    if text is None:
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    out: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(data, "")
+    return out
+
+
 def run_info(run: Run) -> dict:
     p = run.path
     config = None
@@ -131,7 +163,7 @@ def run_info(run: Run) -> dict:
         config = (p / "config.yaml").read_text(encoding="utf-8", errors="replace")[:50_000]
     return {
         "id": run.id, "name": run.name, "path": str(p), "status": run_status(run),
-        "summary": _read_json(p / "summary.json"), "config": config,
+        "summary": _read_json(p / "summary.json"), "config": config, "config_values": flat_config(config),
         "has_metrics": (p / "metrics.jsonl").is_file(),
         "eval_metrics": _read_json(p / "metrics.json"),
         "has_report": (p / "report.md").is_file(),
