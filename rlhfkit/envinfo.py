@@ -74,6 +74,10 @@ def collect() -> dict:
         assets[module] = {"what": what, "version": version(dist) if spec else None, "found": spec is not None}
     for name, path in ASSET_FILES.items():
         assets[name] = {"what": path, "version": None, "found": Path(path).exists()}
+    cache = Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+    converted = cache / "smollm2-135m-instruct"
+    assets["smollm2 (converted)"] = {"what": str(converted), "version": None,
+                                     "found": (converted / "model.safetensors").is_file()}
     return {
         "rlhfkit": __version__,
         "python": platform.python_version(),
@@ -82,7 +86,7 @@ def collect() -> dict:
         "optional": {d: version(d) for d in OPTIONAL},
         "device": devices(),
         "assets": assets,
-        "cache": os.environ.get("RLHFKIT_CACHE", str(Path.home() / ".cache" / "rlhfkit")),
+        "cache": str(cache),
     }
 
 

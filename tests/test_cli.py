@@ -105,3 +105,20 @@ def test_label_and_view_take_the_same_option_forms(tmp_path):
         from rlhfkit.config import load_config
 
         assert load_config(LabelConfig, None, overrides).port == 9001
+
+
+def test_demo_and_run_take_flag_overrides(tmp_path, monkeypatch):
+    from rlhfkit.recipes import demo, pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg, resume=False, overrides=(): seen.append((cfg, resume, overrides)) or {})
+    monkeypatch.setattr(demo, "write_report", lambda out, quick: {"toxicity_mean_before": 1, "toxicity_mean_after": 0,
+                                                                  "mean_improvement_pct": 100})
+    assert cli.main(["demo", "--ppo.train.lr", "0.001", f"--output_dir={tmp_path / 'd'}", "--resume"]) == 0
+    cfg, resume, overrides = seen[-1]
+    assert cfg.output_dir == str(tmp_path / "d") and resume is True
+    assert overrides[-1] == "ppo.train.lr=0.001"
+    assert cli.main(["demo", "--config", "x.yaml"]) == 2
+    (tmp_path / "p.yaml").write_text("stages: [{name: s, command: sft}]\n")
+    assert cli.main(["run", str(tmp_path / "p.yaml"), "--s.train.lr", "0.5"]) == 0
+    assert seen[-1][2] == ["s.train.lr=0.5"]
