@@ -95,3 +95,23 @@ def test_database_down_answers_503(tmp_path):
     with BackgroundServer(app.app) as srv:
         r = httpx.get(srv.url + "/api/next", params={"annotator": "alice"})
     assert r.status_code == 503 and r.json() == {"error": "database unavailable, try again in a moment"}
+
+
+def test_vendored_browser_libraries_ship_as_package_data_with_licences():
+    """Every static file (vendored libraries and their licences included) matches a package-data glob,
+    and the pages load only local scripts (no network at run time)."""
+    import fnmatch
+    import re
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["rlhfkit"]
+    static = repo / "rlhfkit" / "apps" / "static"
+    files = [p.relative_to(repo / "rlhfkit").as_posix() for p in static.rglob("*") if p.is_file()]
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+    vendor = {p.name for p in (static / "vendor").iterdir()}
+    assert {"purify.min.js", "marked.umd.js", "uPlot.iife.min.js", "LICENSE.dompurify", "LICENSE.marked",
+            "LICENSE.uplot"} <= vendor
+    for page in ("label.html", "view.html"):
+        srcs = re.findall(r'(?:src|href)="([^"]+)"', (static / page).read_text())
+        assert srcs and all(s.startswith("static/") and (static.parent / s).is_file() for s in srcs), srcs

@@ -58,7 +58,7 @@ class Config:
             if not s.name or s.name in names:
                 raise ConfigError(f"stages: every stage needs a unique name (got '{s.name}')")
             names.add(s.name)
-            if s.command not in COMMANDS or s.command in ("run", "label", "view", "demo"):
+            if s.command not in COMMANDS or s.command in ("run", "label", "view", "demo", "env"):
                 raise ConfigError(f"stage '{s.name}': command '{s.command}' cannot be a pipeline stage")
         if not self.stages:
             raise ConfigError("stages is empty")
