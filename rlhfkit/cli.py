@@ -50,8 +50,8 @@ FLAGS = ("resume", "debug", "help")
 def parse_args(argv: list[str], positional: Optional[list[str]] = None) -> tuple[str | None, list[str], dict[str, bool]]:
     """Split ``--config FILE``, the flags ``--resume``/``--debug``/``--help`` and the overrides.
 
-    An override is ``key.sub=value``, ``--key.sub=value`` or ``--key.sub value`` (hyphens in the key
-    read as underscores: ``--train.max-steps 10``); a bare ``--key`` followed by nothing or by another
+    An override is ``key.sub=value``, ``--key.sub=value`` or ``--key.sub value`` (hyphens in the
+    last part of the key read as underscores: ``--train.max-steps 10``); a bare ``--key`` followed by nothing or by another
     option is ``key=true`` (a switch: ``--lora.enabled``). A word without ``=`` is refused, unless the
     caller takes positional arguments (``positional``: a list they are appended to).
     """
@@ -81,7 +81,8 @@ def parse_args(argv: list[str], positional: Optional[list[str]] = None) -> tuple
                 else:
                     value = argv[i + 1]
                     i += 1
-            overrides.append(f"{key.replace('-', '_')}={value}")
+            head, dot, last = key.rpartition(".")  # field names are identifiers; a stage may be 'my-sft'
+            overrides.append(f"{head}{dot}{last.replace('-', '_')}={value}")
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
         elif positional is not None and not arg.startswith("-"):

@@ -22,6 +22,7 @@ def test_flag_style_overrides_equal_key_value():
     # a bare switch before another option is true too; --help keeps its meaning
     assert cli.parse_args(["--lora.enabled", "--help"]) == (None, ["lora.enabled=true"], {
         "resume": False, "debug": False, "help": True})
+    assert cli.parse_args(["--my-sft.train.max-steps", "3"])[1] == ["my-sft.train.max_steps=3"]  # a stage name
     with pytest.raises(cli.UserError, match="unexpected argument 'runs/a'"):
         cli.parse_args(["runs/a"])
     dirs: list[str] = []

@@ -170,6 +170,13 @@ def test_label_renders_safely_undoes_and_fits_a_phone(tmp_path: Path, browser):
         assert page.inner_text("#prompt") == "Third?"
         page.keyboard.press("s")
         page.wait_for_selector("#done:not(.hidden)")
+        # the other chat forms: a JSON list of messages and ChatML
+        turns = "t => RLHFKIT_RENDER.turns(t).map(m => m.role + ':' + m.content)"
+        assert page.evaluate(turns, '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "**yo**"}]'
+                             ) == ["user:hi", "assistant:**yo**"]
+        assert page.evaluate(turns, "<|im_start|>system\nbe nice<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+                             ) == ["system:be nice", "user:hello"]
+        assert page.evaluate("RLHFKIT_RENDER.turns('plain text, Human: not a turn')") is None
         page.keyboard.press("g")
         page.wait_for_selector("#guide:not(.hidden) li")
         page.keyboard.press("Escape")
