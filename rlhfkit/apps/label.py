@@ -648,7 +648,7 @@ def load_reward_function(spec: Optional[str]) -> Optional[Callable]:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-USAGE = """usage: rlhfkit label [serve|export|stats] [--config FILE.yaml] [key=value ...]
+USAGE = """usage: rlhfkit label [serve|export|stats] [--config FILE.yaml] [key=value | --key=value | --key value ...]
   serve   (default) serve the labelling page
   export  write the preference dataset (export.output) and its quality report
   stats   print the quality report (agreement, speed, gold accuracy) as JSON
