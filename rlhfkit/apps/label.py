@@ -100,8 +100,8 @@ class LabelConfig:
     instructions: str = "Which response is better? Judge helpfulness, correctness and harmlessness."
     """Text shown above every pair."""
     guidelines: Optional[str] = None
-    """A markdown file of labelling guidelines, shown (rendered, sanitised) on the page's
-    Guidelines panel and before an annotator's first pair; read when the server starts."""
+    """A markdown file of labelling guidelines, shown (rendered, sanitised) on the sign-in page and
+    on the Guidelines panel (key ``g``); read when the server starts."""
     host: str = "127.0.0.1"
     """Address to listen on. Any non-loopback address turns the access token on."""
     port: int = 8765
