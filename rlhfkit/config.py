@@ -471,8 +471,27 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if dataclasses.is_dataclass(t):
             rows.extend(describe(t, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None))
             continue
-        rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+        rows.append((f"{prefix}{f.name}", show_default(default), docs.get(f.name, "")))
+        item = typing.get_args(t)[0] if typing.get_origin(t) is list and typing.get_args(t) else None
+        if dataclasses.is_dataclass(item):  # a list of sections (pipeline stages): each item's keys
+            rows.extend(describe(item, f"{prefix}{f.name}[].", None))
     return rows
+
+
+def show_default(value: Any) -> str:
+    """A default as ``--help`` prints it: YAML (``null``, ``true``, ``[a, b]``, ``{k: v}``; a list of
+    sections as a block), numbers as Python writes them (``1e-05``)."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    if len(text) > 88 and isinstance(value, (list, dict)):
+        text = yaml.safe_dump(value, default_flow_style=False, sort_keys=False).rstrip()
+    return text
 
 
 # --------------------------------------------------------------------------------------------

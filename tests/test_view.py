@@ -141,5 +141,24 @@ def test_view_cli_errors(tmp_path, capsys):
     assert cli(["view", str(tmp_path / "nope")]) == 2
     assert "no such run folder" in capsys.readouterr().err
     assert cli(["view", str(tmp_path), "--port", "x"]) == 2
-    assert "--port: expected int" in capsys.readouterr().err
+    assert "'port' expects int, got 'x'" in capsys.readouterr().err
     assert cli(["view", "--help"]) == 0
+
+
+def test_new_run_folders_are_picked_up_and_configs_flattened(tmp_path):
+    from rlhfkit.apps.view import flat_config
+
+    assert flat_config("model: {name_or_path: x}\ntrain:\n  lr: 1.0e-05\n  betas: [0.9, 0.99]\nrewards: []\n") == {
+        "model.name_or_path": "x", "train.lr": 1e-05, "train.betas": [0.9, 0.99], "rewards": []}
+    assert flat_config("- a\n") is None and flat_config(": bad: [") is None and flat_config(None) is None
+    make_train_run(tmp_path / "runs" / "a", finished=True)
+    app = ViewApp(discover_runs([str(tmp_path / "runs")]), roots=[str(tmp_path / "runs")])
+    with BackgroundServer(app.app) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        assert [r["name"] for r in c.get("/api/runs").json()["runs"]] == ["a"]
+        make_train_run(tmp_path / "runs" / "b")
+        (tmp_path / "runs" / "notes").mkdir()  # no run files: not a run
+        runs = c.get("/api/runs").json()["runs"]
+        assert [(r["id"], r["name"]) for r in runs] == [(0, "a"), (1, "b")]
+        assert runs[1]["config_values"] == {"train.lr": 1e-05}
+        assert len(c.get("/api/runs/1/metrics").json()["rows"]) == 3
+        assert len(c.get("/api/runs").json()["runs"]) == 2  # found once

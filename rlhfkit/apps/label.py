@@ -30,6 +30,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Callable, Optional
 
+from sqlalchemy.exc import OperationalError
+
 from rlhfkit.apps import agreement as agr
 from rlhfkit.apps.common import (
     STATIC_DIR, ApiError, SafeJSONResponse, check_token, exception_handlers, resolve_token, serve,
@@ -97,6 +99,9 @@ class LabelConfig:
     """Seed of the A/B order, which is drawn per (pair, annotator) and stored with each judgement."""
     instructions: str = "Which response is better? Judge helpfulness, correctness and harmlessness."
     """Text shown above every pair."""
+    guidelines: Optional[str] = None
+    """A markdown file of labelling guidelines, shown (rendered, sanitised) on the sign-in page and
+    on the Guidelines panel (key ``g``); read when the server starts."""
     host: str = "127.0.0.1"
     """Address to listen on. Any non-loopback address turns the access token on."""
     port: int = 8765
@@ -133,6 +138,8 @@ class LabelConfig:
             raise ConfigError(f"judgements_per_pair must be >= 0, got {self.judgements_per_pair}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ConfigError(f"max_pairs must be >= 1, got {self.max_pairs}")
+        if self.guidelines is not None and not Path(self.guidelines).is_file():
+            raise ConfigError(f"guidelines: {self.guidelines}: no such file (a markdown file)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,10 +329,12 @@ class LabelApp:
                 Route("/api/next", self.next),
                 Route("/api/judgements", self.submit, methods=["POST"]),
                 Route("/api/stats", self.stats),
+                Route("/api/undo", self.undo, methods=["POST"]),
                 Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
             ],
-            exception_handlers=exception_handlers(),
+            exception_handlers={**exception_handlers(), OperationalError: _database_unavailable},
         )
+        self.guidelines = Path(cfg.guidelines).read_text(encoding="utf-8") if cfg.guidelines else None
 
     # each handler: check the token, do the blocking database work in the thread pool
 
@@ -336,7 +345,7 @@ class LabelApp:
         names = await run_in_threadpool(self.store.annotator_names)
         return SafeJSONResponse({
             "instructions": self.cfg.instructions, "annotators": names, "source": self.cfg.source,
-            "choices": list(CHOICES),
+            "choices": list(CHOICES), "guidelines": self.guidelines,
         })
 
     async def next(self, request):
@@ -411,6 +420,40 @@ class LabelApp:
 
         return SafeJSONResponse(await run_in_threadpool(commit_then_next), status_code=201)
 
+    async def undo(self, request):
+        """``POST {"annotator": name}``: delete that annotator's last judgement; answer what it was
+        (as shown: ``choice``, ``rating_A``/``rating_B``, ``note``) and that pair again, to re-judge.
+        404 when the annotator has nothing left to undo."""
+        from starlette.concurrency import run_in_threadpool
+
+        check_token(request, self.token)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        name = _annotator(body.get("annotator"))
+
+        def undo_then_show() -> dict:
+            aid = self.store.annotator_id(name, create=False)
+            j = self.store.undo_last(aid) if aid is not None else None
+            if j is None:
+                raise ApiError(404, f"annotator '{name}' has no judgement to undo")
+            pair = self.store.get_pair(j["pair_id"])
+            swapped = bool(j["swapped"])
+            a, b = pair["completion_a"], pair["completion_b"]
+            return {
+                "ok": True, "annotator": name,
+                "undone": {"judgement_id": j["id"], "pair_id": j["pair_id"], "choice": j["pressed"],
+                           "rating_A": j["rating_b"] if swapped else j["rating_a"],
+                           "rating_B": j["rating_a"] if swapped else j["rating_b"], "note": j["note"]},
+                "pair": {"id": pair["id"], "prompt": pair["prompt"], "A": b if swapped else a, "B": a if swapped else b},
+                "progress": self.store.progress(aid, self.cfg.judgements_per_pair),
+            }
+
+        return SafeJSONResponse(await run_in_threadpool(undo_then_show))
+
     async def stats(self, request):
         from starlette.concurrency import run_in_threadpool
 
@@ -421,6 +464,13 @@ class LabelApp:
 # --------------------------------------------------------------------------------------------
 # Quality report and export
 # --------------------------------------------------------------------------------------------
+
+
+async def _database_unavailable(request, exc):
+    """The database cannot be reached (restarting, network): 503, the client retries; nothing half-written."""
+    from rlhfkit.apps.common import error_response
+
+    return error_response(503, "database unavailable, try again in a moment")
 
 
 def _grouped(store: LabelStore, only: list[str] | None = None) -> tuple[list[dict], dict[int, list[dict]]]:
@@ -494,7 +544,9 @@ def export_rows(store: LabelStore, ex: ExportConfig) -> tuple[list[dict], dict[s
     Columns: ``prompt, chosen, rejected, pair_id, source, annotators`` (who voted), ``votes``
     (counted votes), ``agreement`` (share of the votes agreeing with this row), ``chosen_rating``,
     ``rejected_rating`` (mean 1-7 ratings or null), ``gold``, ``machine_agrees`` (``prefs`` pairs:
-    whether the machine label picked the same side; else null), and in ``each`` mode ``annotator``.
+    whether the machine label picked the same side; else null), ``notes`` (``[{annotator, note}]``,
+    every note written on the pair, skips and ties included; in ``each`` mode that annotator's), and
+    in ``each`` mode ``annotator``.
     """
     pairs, by_pair = _grouped(store, ex.annotators or None)
     rows: list[dict] = []
@@ -543,11 +595,13 @@ def export_rows(store: LabelStore, ex: ExportConfig) -> tuple[list[dict], dict[s
                 "chosen_rating": ra if a_is_chosen else rb, "rejected_rating": rb if a_is_chosen else ra,
                 "gold": p["gold_label"] is not None,
                 "machine_agrees": (p["machine_label"] == win) if p["machine_label"] else None,
+                "notes": [{"annotator": j["annotator"], "note": j["note"]} for j in js if j["note"]],
             }
             if ex.policy == "each":
                 row["annotator"] = agreeing[0]["annotator"]
                 row["chosen_rating"] = agreeing[0]["rating_a" if a_is_chosen else "rating_b"]
                 row["rejected_rating"] = agreeing[0]["rating_b" if a_is_chosen else "rating_a"]
+                row["notes"] = [n for n in row["notes"] if n["annotator"] == row["annotator"]]
             rows.append(row)
     return rows, dict(dropped)
 
@@ -594,7 +648,7 @@ def load_reward_function(spec: Optional[str]) -> Optional[Callable]:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-USAGE = """usage: rlhfkit label [serve|export|stats] [--config FILE.yaml] [key=value ...]
+USAGE = """usage: rlhfkit label [serve|export|stats] [--config FILE.yaml] [key=value | --key=value | --key value ...]
   serve   (default) serve the labelling page
   export  write the preference dataset (export.output) and its quality report
   stats   print the quality report (agreement, speed, gold accuracy) as JSON

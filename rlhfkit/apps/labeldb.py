@@ -122,6 +122,8 @@ class LabelStore:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
             if ":memory:" in self.url or self.url in ("sqlite://", "sqlite:///"):
                 kwargs["poolclass"] = sa.pool.StaticPool
+        else:
+            kwargs["pool_pre_ping"] = True  # a database server restart: stale pooled connections are replaced
         self.engine = sa.create_engine(self.url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_on_connect)
@@ -244,6 +246,17 @@ class LabelStore:
                 return int(res.inserted_primary_key[0])
         except IntegrityError as e:
             raise AlreadyJudged(pair_id) from e
+
+    def undo_last(self, annotator_id: int) -> Optional[dict]:
+        """Delete this annotator's most recent judgement (theirs only) and return it, or None when
+        they have none left. One write transaction: two undos at once delete two judgements."""
+        with self.tx(write=True) as c:
+            row = c.execute(sa.select(judgements).where(judgements.c.annotator_id == annotator_id)
+                            .order_by(judgements.c.id.desc()).limit(1)).mappings().first()
+            if row is None:
+                return None
+            c.execute(judgements.delete().where(judgements.c.id == row["id"]))
+        return dict(row)
 
     def judgement_rows(self) -> list[dict]:
         """Every judgement joined with its annotator's name, in commit order."""

@@ -28,14 +28,21 @@ Evaluation folder (``rlhfkit eval``)::
     *.png           plots, shown as images
 
 While a run has no summary.json the page polls ``/api/runs/<id>/metrics?offset=N`` every few
-seconds and appends the new rows (a half-written last line waits for the next poll).
+seconds and appends the new rows (a half-written last line waits for the next poll). A run folder
+that appears later inside a folder given on the command line is picked up by the next poll of
+``/api/runs`` (the page keeps polling, five times slower, once every run has finished).
+
+The page draws one uPlot chart per metric (vendored in ``static/vendor/``, MIT): hover values,
+drag to zoom (double-click resets), EMA smoothing, log scale, metric search and groups (reward, KL,
+losses, speed, other), and a diff of ``config.yaml`` between the runs ticked in the runs table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -60,27 +67,47 @@ def _is_run(p: Path) -> bool:
     return any((p / f).is_file() for f in RUN_FILES)
 
 
-def discover_runs(dirs: list[str]) -> list[Run]:
-    """Each argument is a run, or a folder of runs; errors name the folder."""
+def _found(dirs: list[str], strict: bool = True) -> list[Path]:
     found: list[Path] = []
     for d in dirs:
         p = Path(d)
         if not p.is_dir():
-            raise UserError(f"{p}: no such run folder")
+            if strict:
+                raise UserError(f"{p}: no such run folder")
+            continue
         if _is_run(p):
             found.append(p)
             continue
         subs = sorted(s for s in p.iterdir() if s.is_dir() and _is_run(s))
-        if not subs:
+        if not subs and strict:
             raise UserError(f"{p}: no run files here or one level down (looked for {', '.join(RUN_FILES)})")
         found.extend(subs)
-    runs, seen = [], set()
-    for i, p in enumerate(found):
+    return found
+
+
+def _add_runs(runs: list[Run], paths: list[Path]) -> list[Run]:
+    """Append the runs of ``paths`` not yet in ``runs`` (ids stay stable: new ones go last)."""
+    known = {r.path.resolve() for r in runs}
+    names = {r.name for r in runs}
+    added = []
+    for p in paths:
+        if p.resolve() in known:
+            continue
+        known.add(p.resolve())
         name = p.name or str(p)
-        if name in seen:
+        if name in names:
             name = f"{p.parent.name}/{p.name}"
-        seen.add(name)
-        runs.append(Run(i, name, p))
+        names.add(name)
+        run = Run(len(runs), name, p)
+        runs.append(run)
+        added.append(run)
+    return added
+
+
+def discover_runs(dirs: list[str]) -> list[Run]:
+    """Each argument is a run, or a folder of runs; errors name the folder."""
+    runs: list[Run] = []
+    _add_runs(runs, _found(dirs))
     return runs
 
 
@@ -103,6 +130,32 @@ def run_status(run: Run) -> str:
     return "stopped"
 
 
+def flat_config(text: Optional[str]) -> Optional[dict]:
+    """``config.yaml`` as dotted keys -> values (lists kept whole), for the page's config diff; None
+    when absent or not a YAML mapping."""
+    import yaml
+
+    if text is None:
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    out: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(data, "")
+    return out
+
+
 def run_info(run: Run) -> dict:
     p = run.path
     config = None
@@ -110,7 +163,7 @@ def run_info(run: Run) -> dict:
         config = (p / "config.yaml").read_text(encoding="utf-8", errors="replace")[:50_000]
     return {
         "id": run.id, "name": run.name, "path": str(p), "status": run_status(run),
-        "summary": _read_json(p / "summary.json"), "config": config,
+        "summary": _read_json(p / "summary.json"), "config": config, "config_values": flat_config(config),
         "has_metrics": (p / "metrics.jsonl").is_file(),
         "eval_metrics": _read_json(p / "metrics.json"),
         "has_report": (p / "report.md").is_file(),
@@ -174,13 +227,17 @@ def read_samples(path: Path) -> list[dict]:
 
 
 class ViewApp:
-    def __init__(self, runs: list[Run], token: Optional[str] = None, poll_seconds: float = 2.0):
+    def __init__(self, runs: list[Run], token: Optional[str] = None, poll_seconds: float = 2.0,
+                 roots: Optional[list[str]] = None):
+        """``roots``: the folders given on the command line; a run folder that appears in one of them
+        later (a new sub-folder with run files) is added to ``runs`` on the next ``/api/runs``."""
         from starlette.applications import Starlette
         from starlette.responses import FileResponse
         from starlette.routing import Mount, Route
         from starlette.staticfiles import StaticFiles
 
         self.runs, self.token, self.poll_seconds = runs, token, poll_seconds
+        self.roots = list(roots or [])
 
         async def page(request):
             return FileResponse(STATIC_DIR / "view.html")
@@ -207,6 +264,8 @@ class ViewApp:
 
     async def list_runs(self, request):
         check_token(request, self.token)
+        if self.roots:
+            _add_runs(self.runs, _found(self.roots, strict=False))
         return SafeJSONResponse({"poll_seconds": self.poll_seconds, "runs": [run_info(r) for r in self.runs]})
 
     async def metrics(self, request):
@@ -248,48 +307,60 @@ class ViewApp:
         return FileResponse(run.path / name, media_type="image/png")
 
 
-USAGE = """usage: rlhfkit view RUN_DIR [RUN_DIR ...] [--host 127.0.0.1] [--port 8766] [--token T] [--poll SECONDS]
+USAGE = """usage: rlhfkit view RUN_DIR [RUN_DIR ...] [--config view.yaml] [--port 8766 | port=8766] [...]
   Serves a page with the metric curves of the runs (live while they train) and the evaluation
   report, samples and plots of evaluation folders. Off loopback a random access token is required.
+  Options take the same three forms as every command: key=value, --key=value, --key value.
 """
 
 
-def parse_view_args(argv: list[str]) -> dict:
-    opts: dict = {"dirs": [], "host": "127.0.0.1", "port": 8766, "token": None, "poll": 2.0}
-    conv = {"host": str, "port": int, "token": str, "poll": float}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            opts["help"] = True
-        elif arg.startswith("--"):
-            key, _, value = arg[2:].partition("=")
-            if key not in conv:
-                raise UserError(f"unexpected option '{arg}' (options: --host, --port, --token, --poll)")
-            if not value:
-                if i + 1 >= len(argv):
-                    raise UserError(f"--{key} needs a value")
-                value = argv[i + 1]
-                i += 1
-            try:
-                opts[key] = conv[key](value)
-            except ValueError:
-                raise UserError(f"--{key}: expected {conv[key].__name__}, got '{value}'") from None
-        else:
-            opts["dirs"].append(arg)
-        i += 1
-    return opts
+@dataclass
+class ViewConfig:
+    runs: list[str] = field(default_factory=list)
+    """Run folders (or folders of runs) to show; the RUN_DIR arguments are appended to this list."""
+    host: str = "127.0.0.1"
+    """Address to listen on. Any non-loopback address turns the access token on."""
+    port: int = 8766
+    """Port to listen on (0: a free port)."""
+    token: Optional[str] = None
+    """Access token every API call must carry. None: a random one when ``host`` is not loopback."""
+    poll: float = 2.0
+    """Seconds between the page's refreshes while a run is live (new steps, new run folders)."""
+
+    def validate(self) -> None:
+        from rlhfkit.config import ConfigError
+
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.poll <= 0:
+            raise ConfigError(f"poll must be > 0, got {self.poll}")
+
+
+def parse_view_args(argv: list[str]) -> tuple[ViewConfig, bool]:
+    """``RUN_DIR ...`` plus the options of ``ViewConfig`` in any of the CLI's forms -> (config, help)."""
+    from rlhfkit.cli import parse_args
+    from rlhfkit.config import load_config
+
+    dirs: list[str] = []
+    config_path, overrides, flags = parse_args(argv, positional=dirs)
+    if flags["help"]:
+        return ViewConfig(), True
+    cfg = load_config(ViewConfig, config_path, overrides)
+    return dataclasses.replace(cfg, runs=[*cfg.runs, *dirs]), False
 
 
 def main(argv: list[str]) -> int:
-    opts = parse_view_args(list(argv))
-    if opts.get("help"):
+    cfg, want_help = parse_view_args(list(argv))
+    if want_help:
+        from rlhfkit.cli import print_help
+
         print(USAGE)
+        print_help("view", ViewConfig)
         return 0
-    if not opts["dirs"]:
+    if not cfg.runs:
         raise UserError("give at least one RUN_DIR (rlhfkit view runs/ppo runs/eval)")
-    runs = discover_runs(opts["dirs"])
-    token = resolve_token(opts["host"], opts["token"])
+    runs = discover_runs(cfg.runs)
+    token = resolve_token(cfg.host, cfg.token)
     print("rlhfkit view: " + ", ".join(f"{r.name} ({r.path})" for r in runs), file=sys.stderr)
-    serve(ViewApp(runs, token, opts["poll"]).app, opts["host"], opts["port"], token)
+    serve(ViewApp(runs, token, cfg.poll, roots=cfg.runs).app, cfg.host, cfg.port, token)
     return 0

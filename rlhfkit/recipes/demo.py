@@ -104,12 +104,16 @@ PPO: {ppo_summary.get('steps')} steps in {fmt(ppo_summary.get('train_seconds'), 
 
 
 def main(argv: list[str]) -> int:
+    from rlhfkit.cli import parse_args
+
     quick = "--quick" in argv
-    resume = "--resume" in argv
-    overrides = [a for a in argv if a not in ("--quick", "--resume")]
-    for a in overrides:
-        if "=" not in a:
-            raise UserError(f"unexpected argument '{a}' (rlhfkit demo [--quick] [stage.key=value ...])")
+    config_path, overrides, flags = parse_args([a for a in argv if a != "--quick"])  # --stage.key value too
+    if config_path:
+        raise UserError("rlhfkit demo takes no --config (its pipeline is fixed; override stage.key=value)")
+    if flags["help"]:
+        print("usage: rlhfkit demo [--quick] [--resume] [stage.key=value | --stage.key value ...]")
+        return 0
+    resume = flags["resume"]
     cfg = load_config(pipeline.Config, DEMO_FILE)
     out_dir = Path(next((a.split("=", 1)[1] for a in overrides if a.startswith("output_dir=")), cfg.output_dir))
     overrides = [a for a in overrides if not a.startswith("output_dir=")]

@@ -48,7 +48,7 @@ class Config:
     output_dir: str = "runs/pipeline"
     """Parent folder of the stages' output folders."""
     stages: list[StageConfig] = field(default_factory=list)
-    """The stages, run in order."""
+    """The stages, run in order; each a mapping of the ``stages[].*`` keys below."""
 
     def validate(self) -> None:
         from rlhfkit.cli import COMMANDS
@@ -58,7 +58,7 @@ class Config:
             if not s.name or s.name in names:
                 raise ConfigError(f"stages: every stage needs a unique name (got '{s.name}')")
             names.add(s.name)
-            if s.command not in COMMANDS or s.command in ("run", "label", "view", "demo"):
+            if s.command not in COMMANDS or s.command in ("run", "label", "view", "demo", "env"):
                 raise ConfigError(f"stage '{s.name}': command '{s.command}' cannot be a pipeline stage")
         if not self.stages:
             raise ConfigError("stages is empty")
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
         argv = ["--config", argv[0], *argv[1:]]
     path, overrides, flags = parse_args(argv)
     if flags["help"]:
-        print_help("run", Config)
+        print_help("run", Config, intro=__doc__)
         return 0
     if not path:
         raise UserError("usage: rlhfkit run PIPELINE.yaml [stage.key=value ...]")

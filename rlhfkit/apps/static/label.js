@@ -1,4 +1,5 @@
 // rlhfkit label: pairwise preference page. Plain JS, no build step, no network beyond this server.
+// Texts are rendered by render.js (marked + DOMPurify, vendored).
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -8,6 +9,8 @@ let annotator = params.get("annotator") || localStorage.getItem("rlhfkit-annotat
 let current = null;      // the pair on screen
 let shownAt = 0;         // performance.now() when it appeared
 let busy = false;        // a request is in flight: no second submit
+let doneCount = 0;       // this annotator's judgements (undo is possible when > 0)
+let guidelines = null;   // markdown text of the guidelines file, if configured
 
 const $ = (id) => document.getElementById(id);
 
@@ -37,14 +40,18 @@ function show(section) {
 function buildRatings() {
   for (const box of document.querySelectorAll(".rating")) {
     const side = box.dataset.side;
+    const scale = document.createElement("span");
+    scale.className = "scale";
     for (let v = 1; v <= 7; v++) {
       const label = document.createElement("label");
       const input = document.createElement("input");
       input.type = "radio"; input.name = "rating" + side; input.value = String(v);
-      label.appendChild(input);
-      label.appendChild(document.createTextNode(" " + v));
-      box.appendChild(label);
+      const span = document.createElement("span");
+      span.textContent = String(v);
+      label.append(input, span);
+      scale.appendChild(label);
     }
+    box.appendChild(scale);
   }
 }
 
@@ -53,28 +60,41 @@ function rating(side) {
   return checked ? Number(checked.value) : null;
 }
 
-function render(data) {
-  const p = data.progress;
+function setRating(side, value) {
+  for (const r of document.querySelectorAll(`input[name=rating${side}]`)) r.checked = value !== null && Number(r.value) === value;
+}
+
+function setProgress(p) {
   $("progress").textContent = `${p.done} / ${p.total} labelled`;
+  $("bar").max = Math.max(p.total, 1);
+  $("bar").value = p.done;
+  doneCount = p.done;
+  for (const b of document.querySelectorAll("button.undo")) b.disabled = busy || doneCount === 0;
+}
+
+function render(data, previous = null) {
+  setProgress(data.progress);
   $("who").textContent = data.annotator;
   current = data.pair;
-  if (!current) { show("done"); setStatus(""); return; }
-  $("prompt").textContent = current.prompt;
-  $("textA").textContent = current.A;
-  $("textB").textContent = current.B;
+  if (!current) { show("done"); setBusy(false); return; }
+  RLHFKIT_RENDER.render($("prompt"), current.prompt);
+  RLHFKIT_RENDER.render($("textA"), current.A);
+  RLHFKIT_RENDER.render($("textB"), current.B);
+  for (const id of ["prompt", "textA", "textB"]) $(id).scrollTop = 0;
   $("work").dataset.pairId = String(current.id);
-  $("note").value = "";
-  for (const r of document.querySelectorAll(".rating input")) r.checked = false;
+  $("note").value = previous && previous.note ? previous.note : "";
+  setRating("A", previous ? previous.rating_A : null);
+  setRating("B", previous ? previous.rating_B : null);
   for (const r of document.querySelectorAll(".resp")) r.classList.remove("picked");
   show("work");
   shownAt = performance.now();
   setBusy(false);
-  window.scrollTo(0, 0);
 }
 
 function setBusy(value) {
   busy = value;
   for (const b of document.querySelectorAll("button[data-choice]")) b.disabled = value;
+  for (const b of document.querySelectorAll("button.undo")) b.disabled = value || doneCount === 0;
 }
 
 async function loadNext() {
@@ -103,13 +123,31 @@ async function submit(choice) {
   const slow = setTimeout(() => setStatus("saving..."), 400);
   try {
     render(await api("api/judgements", { method: "POST", body: JSON.stringify(body) }));
-    setStatus(`saved (${choice})`);
+    setStatus(`saved (${choice}); u undoes`);
   } catch (e) {
     if (e.status === 409) { await loadNext(); setStatus("that pair was already saved; here is the next one"); }
     else { setStatus("not saved: " + e.message, true); setBusy(false); }
   } finally {
     clearTimeout(slow);
   }
+}
+
+async function undo() {
+  if (busy || doneCount === 0) return;
+  setBusy(true);
+  try {
+    const data = await api("api/undo", { method: "POST", body: JSON.stringify({ annotator }) });
+    render(data, data.undone);
+    setStatus(`undone: your "${data.undone.choice}" on this pair; judge it again`);
+  } catch (e) {
+    setStatus("not undone: " + e.message, true);
+    setBusy(false);
+  }
+}
+
+function openGuide(open) {
+  $("guide").classList.toggle("hidden", !open);
+  if (open) $("guide").scrollTop = 0;
 }
 
 async function start(name) {
@@ -126,12 +164,23 @@ async function init() {
   for (const b of document.querySelectorAll("button[data-choice]")) {
     b.addEventListener("click", () => submit(b.dataset.choice));
   }
+  for (const b of document.querySelectorAll("button.undo")) b.addEventListener("click", undo);
+  $("guide-open").addEventListener("click", () => openGuide(true));
+  $("guide-close").addEventListener("click", () => openGuide(false));
   document.addEventListener("keydown", (ev) => {
     // keys label, except while writing (the note or the name box); a clicked rating keeps them working
     const typing = ev.target.tagName === "TEXTAREA" || (ev.target.tagName === "INPUT" && ev.target.type === "text");
     if (typing) { if (ev.key === "Escape") ev.target.blur(); return; }
-    if (ev.ctrlKey || ev.metaKey || ev.altKey || $("work").classList.contains("hidden")) return;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const guideOpen = !$("guide").classList.contains("hidden");
+    if (ev.key === "Escape" && guideOpen) { openGuide(false); return; }
     const key = ev.key.toLowerCase();
+    if (key === "g" && guidelines) { ev.preventDefault(); openGuide(!guideOpen); return; }
+    if (guideOpen) return;
+    if (key === "u" && $("login").classList.contains("hidden")) { ev.preventDefault(); undo(); return; }
+    if ($("work").classList.contains("hidden")) return;
+    const digit = /^Digit([1-7])$/.exec(ev.code);  // layout-independent: Shift+1 is "!" on many keyboards
+    if (digit) { ev.preventDefault(); setRating(ev.shiftKey ? "B" : "A", Number(digit[1])); return; }
     if (key === "n") { ev.preventDefault(); $("note").focus(); return; }
     if (KEYS[key]) { ev.preventDefault(); submit(KEYS[key]); }
   });
@@ -139,6 +188,13 @@ async function init() {
   try {
     const info = await api("api/info");
     $("instructions").textContent = info.instructions;
+    guidelines = info.guidelines || null;
+    if (guidelines) {
+      $("guide-text").innerHTML = RLHFKIT_RENDER.markdown(guidelines);
+      $("login-guidelines").innerHTML = RLHFKIT_RENDER.markdown(guidelines);
+      $("login-guidelines").classList.remove("hidden");
+      $("guide-open").classList.remove("hidden");
+    }
     for (const name of info.annotators) {
       const b = document.createElement("button");
       b.type = "button"; b.textContent = name;

@@ -1,4 +1,4 @@
-// rlhfkit view: metric curves on <canvas> and evaluation samples. Plain JS, offline, no libraries.
+// rlhfkit view: metric curves (uPlot, vendored) and evaluation samples. Plain JS, offline.
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -41,51 +41,33 @@ function flatten(obj, prefix = "", out = {}) {
   return out;
 }
 
-// ------------------------------------------------------------------ curves
+// ------------------------------------------------------------------ curves (uPlot)
 
-function niceTicks(lo, hi, n = 5) {
-  const span = hi - lo;
-  const raw = span / n;
-  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
-  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
-  const ticks = [];
-  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(t);
-  return ticks;
+// metric groups, first match wins (TensorBoard-style sections); anything else is "other"
+const GROUPS = [
+  ["reward", /reward|score|margin|accurac|win_rate|toxicity/i],
+  ["KL", /(^|[/_])kl($|[/_])|kl_coef|entropy/i],
+  ["losses", /loss|clipfrac|value|advantage|explained_variance|grad_norm|ratio|perplexity/i],
+  ["speed", /per_second|seconds|_time|time_|throughput|rss|memory|_mb$|lr$|learning_rate/i],
+];
+const STEP_INCRS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((p) => m * p)).sort((a, b) => a - b);
+const charts = new Map();  // metric -> {box, plot, key}
+const ui = { search: "", smooth: 0, log: false };
+
+function groupOf(name) {
+  for (const [g, re] of GROUPS) if (re.test(name)) return g;
+  return "other";
 }
 
-function drawChart(canvas, series) {
-  const dpr = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth, h = canvas.clientHeight;
-  canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr);
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, w, h);
-  const pts = series.flatMap((s) => s.points);
-  if (!pts.length) return;
-  let [x0, x1] = [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
-  let [y0, y1] = [Math.min(...pts.map((p) => p[1])), Math.max(...pts.map((p) => p[1]))];
-  if (x0 === x1) { x0 -= 1; x1 += 1; }
-  if (y0 === y1) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
-  const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
-  const m = { l: 56, r: 10, t: 8, b: 22 };
-  const X = (x) => m.l + (x - x0) / (x1 - x0) * (w - m.l - m.r);
-  const Y = (y) => h - m.b - (y - y0) / (y1 - y0) * (h - m.t - m.b);
-  ctx.font = "11px system-ui, sans-serif"; ctx.fillStyle = "#667085"; ctx.strokeStyle = "#eaecf0"; ctx.lineWidth = 1;
-  ctx.textAlign = "right"; ctx.textBaseline = "middle";
-  for (const t of niceTicks(y0, y1)) {
-    ctx.beginPath(); ctx.moveTo(m.l, Y(t)); ctx.lineTo(w - m.r, Y(t)); ctx.stroke();
-    ctx.fillText(fmt(t), m.l - 4, Y(t));
-  }
-  ctx.textAlign = "center"; ctx.textBaseline = "top";
-  for (const t of niceTicks(x0, x1)) ctx.fillText(fmt(t), X(t), h - m.b + 4);
-  ctx.strokeStyle = "#98a2b3"; ctx.strokeRect(m.l, m.t, w - m.l - m.r, h - m.t - m.b);
-  for (const s of series) {
-    ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 1.6;
-    ctx.beginPath();
-    s.points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
-    ctx.stroke();
-    if (s.points.length === 1) { ctx.beginPath(); ctx.arc(X(s.points[0][0]), Y(s.points[0][1]), 3, 0, 7); ctx.fill(); }
-  }
+// TensorBoard's smoothing: exponential moving average with debiasing; gaps (null) are skipped
+function ema(values, w) {
+  if (!w) return values;
+  let last = 0, n = 0;
+  return values.map((v) => {
+    if (v === null || !Number.isFinite(v)) return null;
+    last = last * w + (1 - w) * v; n++;
+    return last / (1 - Math.pow(w, n));
+  });
 }
 
 function metricNames() {
@@ -97,27 +79,105 @@ function metricNames() {
   return [...names].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
 }
 
-function drawAll() {
-  const names = metricNames();
-  $("curves").classList.toggle("hidden", names.length === 0);
-  const charts = $("charts");
-  for (const name of names) {
-    let box = charts.querySelector(`[data-metric="${CSS.escape(name)}"]`);
-    if (!box) {
-      box = el("div", null, "card chart"); box.dataset.metric = name;
-      box.appendChild(el("h3", name)); box.appendChild(document.createElement("canvas"));
-      charts.appendChild(box);
+function runsWithRows() { return Object.values(state).filter((st) => st.rows.length); }
+
+function chartData(name) {
+  const runs = runsWithRows();
+  const steps = new Set();
+  const per = runs.map((st) => {
+    const m = new Map();
+    for (const r of st.rows) if (typeof r[name] === "number" && typeof r.step === "number") { m.set(r.step, r[name]); steps.add(r.step); }
+    return m;
+  });
+  const xs = [...steps].sort((a, b) => a - b);
+  const data = [xs];
+  const series = [{ label: "step" }];
+  let points = 0, positive = true;
+  runs.forEach((st, i) => {
+    const color = COLORS[st.info.id % COLORS.length];
+    const raw = xs.map((x) => (per[i].has(x) ? per[i].get(x) : null));
+    points += per[i].size;
+    for (const v of per[i].values()) if (!(v > 0)) positive = false;
+    if (ui.smooth > 0) {
+      data.push(raw); series.push({ label: `${st.info.name} (raw)`, stroke: color + "44", width: 1, spanGaps: true });
+      data.push(ema(raw, ui.smooth)); series.push({ label: st.info.name, stroke: color, width: 2, spanGaps: true });
+    } else {
+      data.push(raw);
+      series.push({ label: st.info.name, stroke: color, width: 1.6, spanGaps: true, points: { show: per[i].size < 60 } });
     }
-    const series = Object.values(state).filter((st) => st.rows.length).map((st) => ({
-      color: COLORS[st.info.id % COLORS.length],
-      points: st.rows.filter((r) => typeof r[name] === "number" && typeof r.step === "number").map((r) => [r.step, r[name]]),
-    }));
-    drawChart(box.querySelector("canvas"), series);
-    box.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+  });
+  return { data, series, points, positive };
+}
+
+function plotOpts(name, series, positive, width) {
+  return {
+    width, height: 230,
+    series,
+    cursor: { sync: { key: "rlhfkit" }, drag: { x: true, y: false } },  // drag zooms x; double-click resets
+    scales: { x: { time: false }, y: { distr: ui.log ? (positive ? 3 : 4) : 1 } },  // 3 log10, 4 symlog
+    axes: [
+      { label: "step", labelSize: 18, size: 36, incrs: STEP_INCRS },  // whole steps only
+      { label: name + (ui.log ? (positive ? " (log)" : " (symlog)") : ""), labelSize: 18, size: 60,
+        values: (u, ticks) => ticks.map(fmt) },
+    ],
+    legend: { live: true },
+  };
+}
+
+function drawAll() {
+  const q = ui.search.trim().toLowerCase();
+  const all = metricNames();
+  const names = all.filter((n) => !q || n.toLowerCase().includes(q));
+  $("curves").classList.toggle("hidden", all.length === 0);
+  const groupsEl = $("groups");
+  for (const name of all) {
+    const g = groupOf(name);
+    let sec = groupsEl.querySelector(`details[data-group="${g}"]`);
+    if (!sec) {
+      sec = el("details", null, "group"); sec.dataset.group = g; sec.open = true;
+      const sum = el("summary", g); sum.appendChild(el("span", "", "count"));
+      sec.append(sum, el("div", null, "charts"));
+      // groups in a fixed order: reward, KL, losses, speed, other
+      const order = [...GROUPS.map((x) => x[0]), "other"];
+      const after = [...groupsEl.children].find((c) => order.indexOf(c.dataset.group) > order.indexOf(g));
+      groupsEl.insertBefore(sec, after || null);
+    }
+    let c = charts.get(name);
+    if (!c) {
+      const box = el("div", null, "card chart"); box.dataset.metric = name;
+      box.append(el("h3", name), el("div", null, "plot"));
+      sec.querySelector(".charts").appendChild(box);
+      c = { box, plot: null, key: "" };
+      charts.set(name, c);
+    }
+    c.box.classList.toggle("hidden", !names.includes(name));
+    const { data, series, points, positive } = chartData(name);
+    const key = JSON.stringify([series.map((s) => s.label), ui.smooth > 0, ui.log, positive]);
+    const width = Math.max(c.box.querySelector(".plot").clientWidth, 200);
+    if (c.plot && c.key === key && c.points === points) {
+      // nothing new: leave the chart (and the cursor's hover values) alone
+    } else if (c.plot && c.key === key) {
+      const x = c.plot.scales.x;
+      const zoomed = c.full && (x.min !== c.full[0] || x.max !== c.full[1]);
+      c.plot.setData(data, !zoomed);  // a chart the user zoomed keeps its zoom while new steps arrive
+      if (!zoomed) c.full = [c.plot.scales.x.min, c.plot.scales.x.max];
+    } else if (!c.box.classList.contains("hidden")) {
+      if (c.plot) c.plot.destroy();
+      c.plot = new uPlot(plotOpts(name, series, positive, width), data, c.box.querySelector(".plot"));
+      c.full = [c.plot.scales.x.min, c.plot.scales.x.max];
+      c.box._plot = c.plot;
+      c.key = key;
+    }
+    c.points = c.plot ? points : undefined;
+    c.box.dataset.points = String(points);
+  }
+  for (const sec of groupsEl.children) {
+    const shown = sec.querySelectorAll(".chart:not(.hidden)").length;
+    sec.querySelector(".count").textContent = ` (${shown})`;
+    sec.classList.toggle("hidden", shown === 0);
   }
   const legend = $("legend"); legend.replaceChildren();
-  for (const st of Object.values(state)) {
-    if (!st.rows.length) continue;
+  for (const st of runsWithRows()) {
     const span = el("span"); const swatch = el("i");
     swatch.style.background = COLORS[st.info.id % COLORS.length];
     span.appendChild(swatch); span.appendChild(document.createTextNode(`${st.info.name} (${st.info.status})`));
@@ -125,10 +185,49 @@ function drawAll() {
   }
 }
 
+function resizeAll() {
+  for (const c of charts.values()) if (c.plot) c.plot.setSize({ width: Math.max(c.box.querySelector(".plot").clientWidth, 200), height: 230 });
+}
+
+// ------------------------------------------------------------------ config diff
+
+const picked = new Set();
+
+function renderDiff() {
+  const box = $("diff");
+  const runs = [...picked].map((id) => state[id]).filter((st) => st && st.info.config_values);
+  box.replaceChildren();
+  box.classList.toggle("hidden", runs.length < 2);
+  if (runs.length < 2) return;
+  const keys = [...new Set(runs.flatMap((st) => Object.keys(st.info.config_values)))].sort();
+  const show = (v) => (v === undefined ? "(absent)" : typeof v === "string" ? v : JSON.stringify(v));
+  const changed = keys.filter((k) => new Set(runs.map((st) => show(st.info.config_values[k]))).size > 1);
+  box.appendChild(el("h3", `config diff: ${changed.length} of ${keys.length} keys differ`));
+  const t = el("table", null, "diff");
+  const head = el("tr"); head.appendChild(el("th", "key"));
+  runs.forEach((st) => head.appendChild(el("th", st.info.name)));
+  t.appendChild(head);
+  for (const k of changed) {
+    const tr = el("tr"); tr.dataset.key = k; tr.appendChild(el("td", k));
+    runs.forEach((st) => tr.appendChild(el("td", show(st.info.config_values[k]), "changed")));
+    t.appendChild(tr);
+  }
+  if (!changed.length) { const tr = el("tr"); tr.appendChild(el("td", "the configs are identical", "same")); t.appendChild(tr); }
+  box.appendChild(t);
+}
+
 function renderRuns() {
   const body = $("runs").querySelector("tbody"); body.replaceChildren();
   for (const st of Object.values(state)) {
     const tr = el("tr");
+    const pick = el("td", null, "pick");
+    if (st.info.config_values) {
+      const cb = el("input"); cb.type = "checkbox"; cb.checked = picked.has(st.info.id);
+      cb.title = "compare this run's config"; cb.dataset.run = st.info.name;
+      cb.addEventListener("change", () => { if (cb.checked) picked.add(st.info.id); else picked.delete(st.info.id); renderDiff(); });
+      pick.appendChild(cb);
+    }
+    tr.appendChild(pick);
     tr.appendChild(el("td", st.info.name));
     tr.appendChild(el("td", st.info.status));
     const last = st.rows.length ? st.rows[st.rows.length - 1].step : "";
@@ -250,10 +349,16 @@ async function poll() {
     $("status").textContent = "error: " + e.message;
     live = true;
   }
-  $("live").textContent = live ? `live: refreshing every ${pollSeconds} s` : "all runs finished";
+  $("live").textContent = live ? `live: refreshing every ${pollSeconds} s`
+    : `all runs finished; looking for new runs every ${5 * pollSeconds} s`;
   document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
-  if (live) setTimeout(poll, pollSeconds * 1000);
+  setTimeout(poll, (live ? 1 : 5) * pollSeconds * 1000);
 }
 
-window.addEventListener("resize", drawAll);
+$("search").addEventListener("input", (ev) => { ui.search = ev.target.value; drawAll(); });
+$("smooth").addEventListener("input", (ev) => {
+  ui.smooth = Number(ev.target.value); $("smooth-value").textContent = ev.target.value; drawAll();
+});
+$("logscale").addEventListener("change", (ev) => { ui.log = ev.target.checked; drawAll(); });
+window.addEventListener("resize", resizeAll);
 poll();
