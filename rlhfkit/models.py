@@ -730,8 +730,10 @@ class Reference:
 
 
 def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig], policy: PolicyModel,
-                    needed: bool = True) -> Reference:
-    """The reference the config asks for; ``auto`` never drops a trained adapter silently."""
+                    needed: bool = True, start_model: Optional[nn.Module] = None) -> Reference:
+    """The reference the config asks for; ``auto`` never drops a trained adapter silently.
+    ``start_model``: a model object the policy starts from (Python API); a ``copy`` reference
+    without ``reference.model`` is then a frozen deep copy of it, not a load of ``model_cfg``."""
     from rlhfkit.utils import logger
 
     if not needed:
@@ -758,6 +760,11 @@ def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig],
     if kind == "none":
         logger.info("reference: none")
         return Reference("none")
+    if start_model is not None and not ref_cfg.model:
+        import copy
+
+        logger.info("reference: frozen copy of the model object the policy starts from")
+        return Reference("copy", model=copy.deepcopy(start_model))
     name = ref_cfg.model or model_cfg.name_or_path
     import dataclasses
 

@@ -206,7 +206,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     G = cfg.samples_per_prompt
     logger.info(f"{cfg.algorithm}: {len(items)} training prompts x {G} responses, {len(held)} held-out prompts")
     policy = PolicyModel(lm)
-    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=cfg.kl_coef > 0)
+    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=cfg.kl_coef > 0,
+                                start_model=model)
     world, rank = process_info(cfg.train)
     batcher = StepBatcher([len(p.ids) for p in items], cfg.prompts_per_step, 1, cfg.train.seed,
                           cfg.train.group_by_length, world, rank)

@@ -271,7 +271,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         critic_lm = load_model(dataclasses.replace(cfg.model, name_or_path=cfg.value_model),
                                next(lm.parameters()).device)
         critic = PolicyModel(disable_dropout(critic_lm), value_head=True)
-    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=True)
+    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=True,
+                                start_model=model)
     items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval_max_rows)
     seq2seq = policy.is_seq2seq
 
