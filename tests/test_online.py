@@ -203,3 +203,30 @@ def test_sigterm_and_resume_equals_the_uninterrupted_run(tiny_gpt2, tmp_path, al
     from safetensors.torch import load_file  # and training moved them, so equality means something
     init = load_file(str(Path(tiny_gpt2) / "model.safetensors"))
     assert max(float((wa[n] - init[n]).abs().max()) for n in wa if n in init) > 1e-3
+
+
+@pytest.mark.unit
+def test_ppo_honours_train_epochs_and_eval_every(tiny_gpt2, tmp_path):
+    """train.epochs: one pass over the training prompts (rollout_batch_size 8 a step);
+    train.eval_every 2: held-out reward, KL and reward parts at steps 0, 2 and the end."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
+    cfg = ppo_config(tiny_gpt2, data, tmp_path / "run", ppo_epochs=1)
+    cfg.train.epochs, cfg.train.eval_every, cfg.train.max_steps = 1, 2, 1000
+    summary = ppo.run(cfg)
+    assert summary["steps"] == summary["data"]["rows"] // 8 == 4  # 36 training prompts (4 held out)
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert {"eval/reward", "eval/kl", "eval/reward/token_frequency"} <= set(r)
+    assert abs(evals[0]["eval/kl"]) < 1e-4  # before training the policy is its reference
+    assert evals[-1]["eval/reward"] == pytest.approx(summary["eval_reward_end"])
+
+
+@pytest.mark.unit
+def test_renamed_keys_still_load():
+    """The old names of one release ago map to the agreed vocabulary (config.py's RENAMED loader)."""
+    cfg = load_config(grpo.Config, None, ["beta=0.1", "group_size=3", "clip_epsilon=0.3"])
+    assert (cfg.kl_coef, cfg.samples_per_prompt, cfg.clip_range) == (0.1, 3, 0.3)
+    cfg = load_config(ppo.Config, None, ["cliprange=0.3", "cliprange_value=0.4", "target_kl=0.02", "eval_prompts=5"])
+    assert (cfg.clip_range, cfg.value_clip_range, cfg.early_stop_kl, cfg.eval_max_rows) == (0.3, 0.4, 0.02, 5)
