@@ -1,4 +1,9 @@
-"""Rollout: generation (transformers ``generate`` with the KV cache) and no-grad scoring passes.
+"""Rollout: the experience core of the online recipes (PPO, GRPO, RLOO, REINFORCE++), and
+generation (transformers ``generate`` with the KV cache).
+
+``fit_prompts`` turns data rows into ``PromptItem`` s that fit the model; ``make_experience``
+samples, scores and runs the no-grad passes into one typed ``Rollout`` record; the recipes only
+add their advantages and loss. Generation goes through one entry point, ``generate_ids``.
 
 Causal prompts are left-padded so every response starts at the same column; responses are cut
 after their first EOS. Rows that repeat a prompt (several samples per prompt) share one prefill.

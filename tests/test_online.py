@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from helpers import sft_rows, trainable_params, write_jsonl
-from rlhfkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
+from rlhfkit.config import (DataConfig, GenerationConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
                             to_dict)
 from rlhfkit.recipes import grpo, ppo
 
@@ -27,11 +26,12 @@ def letter_a(prompts, completions, **columns):
 
 
 def grpo_config(model: str, data: str, out, **kw) -> grpo.Config:
-    train = dict(output_dir=str(out), lr=5e-3, max_steps=2, batch_size=8, progress=False, seed=0, group_by_length=False)
+    train = dict(output_dir=str(out), lr=5e-3, max_steps=2, batch_size=8, progress=False, seed=0,
+                 group_by_length=False)
     train.update(kw.pop("train", {}))
     cfg = grpo.Config(model=ModelConfig(name_or_path=model, max_length=128),
-                      data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:", chat_template="false",
-                                      eval_fraction=0.1),
+                      data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:",
+                                      chat_template="false", eval_fraction=0.1),
                       train=TrainConfig(**train), generation=GenerationConfig(max_new_tokens=6, batch_size=32),
                       rewards=[RewardConfig(kind="token_frequency", token="a")],
                       prompts_per_step=4, samples_per_prompt=4, eval_max_rows=4)
@@ -43,8 +43,8 @@ def grpo_config(model: str, data: str, out, **kw) -> grpo.Config:
 
 def ppo_config(model: str, data: str, out, **kw) -> ppo.Config:
     cfg = ppo.Config(model=ModelConfig(name_or_path=model, max_length=128),
-                     data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:", chat_template="false",
-                                     eval_fraction=0.1),
+                     data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:",
+                                     chat_template="false", eval_fraction=0.1),
                      train=TrainConfig(output_dir=str(out), lr=1e-2, batch_size=4, max_steps=2, progress=False,
                                        group_by_length=False),
                      generation=GenerationConfig(max_new_tokens=6, top_k=0, output_length_range=[3, 6]),
@@ -106,7 +106,8 @@ def test_ppo_fits_long_prompts_to_the_model_and_honours_overlong_drop(tiny_gpt2,
             long_rows = stats["truncated"]
             assert 0 < long_rows < 24 and stats["dropped_overlong"] == 0 and stats["rows"] == 24
         else:  # the same split: the same long rows are gone
-            assert stats["dropped_overlong"] == long_rows and stats["truncated"] == 0 and stats["rows"] == 24 - long_rows
+            assert stats["dropped_overlong"] == long_rows and stats["truncated"] == 0
+            assert stats["rows"] == 24 - long_rows
         assert summary["eval_reward_start"] is not None and summary["eval_reward_end"] is not None
 
 

@@ -251,9 +251,10 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         metrics = {k: v / updates for k, v in sums.items()}
         metrics["lr"] = update["lr"]  # of the iteration's last update
         metrics.update(ro.metrics(gather))
-        scores = gather(ro.scores[:, None])[:, 0] if gather else ro.scores
-        groups = scores.reshape(-1, G)  # (prompts, G)
-        metrics["advantage/zero_std_groups"] = float((groups.max(1).values == groups.min(1).values).float().mean())
+        if G > 1:
+            scores = gather(ro.scores[:, None])[:, 0] if gather else ro.scores
+            groups = scores.reshape(-1, G)  # (prompts, G)
+            metrics["advantage/zero_std_groups"] = float((groups.max(1).values == groups.min(1).values).float().mean())
         if cfg.algorithm == "reinforce_pp" and ro.ref_logps is not None:
             metrics["kl"] = float(losses.masked_mean(ro.old_logps - ro.ref_logps, ro.mask))
         metrics.update({"time/generate": ro.times["time/generate"], "time/reward": ro.times["time/reward"],

@@ -11,8 +11,8 @@ One iteration (one logged step):
    ``truncation_penalty`` for responses cut at the length limit;
 3. no-grad passes: log-probs and values of the sampling policy, log-probs of the reference
    (steps 1-3 are ``rollout.make_experience``, the experience core PPO shares with GRPO/RLOO);
-4. per-token reward: r_t = -beta * KL_t(pi || ref) on every response token, plus the task
-   reward on the last one (beta fixed, or adapted towards ``kl_target`` by Ziegler's
+4. per-token reward: r_t = -kl_coef * KL_t(pi || ref) on every response token, plus the task
+   reward on the last one (kl_coef fixed, or adapted towards ``kl_target`` by Ziegler's
    controller). With ``reward_segments`` ``word`` or ``sentence`` the task reward is spread over
    the response instead, as in fine-grained RLHF (Wu et al. 2023, "Fine-Grained Human Feedback
    Gives Better Rewards for Language Model Training"): the reward function scores every prefix
@@ -157,6 +157,8 @@ class Config:
             raise UserError(f"kl_estimator must be one of k1, abs, mse, k3, got '{self.kl_estimator}'")
         if not self.rewards:
             raise UserError("rewards is empty: give at least one reward function")
+        if self.eval_max_rows is not None and self.eval_max_rows < 0:
+            raise UserError(f"eval_max_rows must be >= 0, got {self.eval_max_rows}")
 
 
 class ActorCritic(nn.Module):
@@ -282,8 +284,9 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                           cfg.train.seed, cfg.train.group_by_length, world, rank)
     n_mb = cfg.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum)
     state: dict = {"kl_coef": cfg.kl_coef, "moments": {}}
-    engine = Engine(cfg.train, "ppo", cfg, ActorCritic(policy, critic), total_steps_for(cfg.train, batcher.steps_per_epoch),
-                    resume=resume, state=state, updates_per_step=cfg.ppo_epochs * n_mb,
+    engine = Engine(cfg.train, "ppo", cfg, ActorCritic(policy, critic),
+                    total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume, state=state,
+                    updates_per_step=cfg.ppo_epochs * n_mb,
                     lr_groups={"policy.value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None)
     engine.extra_summary["data"] = stats.as_dict()
     kl_ctl = (losses.AdaptiveKLController(state["kl_coef"], cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
