@@ -301,3 +301,23 @@ def test_grpo_raises_reward_seq2seq(tiny_t5, tmp_path):
     check_learned(summary, tmp_path / "run")
     rows = [r for r in metrics_lines(tmp_path / "run") if "clipfrac" in r]
     assert max(r["clipfrac"] for r in rows) > 0  # later updates of an iteration are off-policy
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "dr_grpo"])
+def test_micro_batches_weighted_like_the_recipe_equal_one_batch(tiny_llama, aggregation):
+    """The recipe weighs micro-batch losses by tokens (token) or rows (sequence, dr_grpo): the
+    weighted mean of the micro-batch losses (and so the accumulated gradient) is the loss of the
+    whole minibatch."""
+    model, tok = load_policy(ModelConfig(name_or_path=tiny_llama))
+    policy = PolicyModel(model)
+    batch = collate([Example([5, 6, 7], [8, 9]), Example([5], [10, 11, 12]), Example([6, 7], [13]),
+                     Example([9, 9, 9, 9], [14, 15, 16, 17])], tok.pad_token_id, False)
+    cfg = grpo.Config(kl_coef=0.0, loss_aggregation=aggregation)
+    tensors = {**batch, "advantages": torch.tensor([1.0, -2.0, 0.5, 0.25])}
+    tensors["old_logps"] = policy(**batch)["logps"].detach() + 0.1 * torch.arange(batch["labels"].shape[1])
+    full, _ = grpo.policy_loss(policy, tensors, cfg, max_tokens=8)
+    parts = [R.take_rows(tensors, idx, False) for idx in torch.tensor([2, 0, 3, 1]).split(2)]
+    weights = [float((m["labels"] != -100).sum()) if aggregation == "token" else float(len(m["labels"])) for m in parts]
+    losses_ = [grpo.policy_loss(policy, m, cfg, max_tokens=8)[0].item() for m in parts]
+    assert sum(w * l for w, l in zip(weights, losses_)) / sum(weights) == pytest.approx(full.item(), abs=1e-6)
