@@ -35,7 +35,7 @@ def child_policy_alone(args) -> dict:
     from rlhfkit.config import LoraConfig, ModelConfig
     from rlhfkit.data import Example, collate, encode_prompt
     from rlhfkit.models import PolicyModel, disable_dropout, load_policy
-    from rlhfkit.recipes.ppo import left_trim
+    from rlhfkit.rollout import take_rows
     from rlhfkit.utils import peak_rss_mb
 
     lm, tok = load_policy(ModelConfig(name_or_path="asset:smollm2", max_length=256), LoraConfig(enabled=True, r=16, dropout=0.0, target_modules=["all-linear"]))
@@ -47,8 +47,8 @@ def child_policy_alone(args) -> dict:
     batch = collate([Example(p, [tok.eos_token_id] * args.new_tokens) for p in ids], tok.pad_token_id, False)
     for _ in range(args.steps):
         for mb in range(0, args.batch, args.minibatch):
-            # the same micro-batch shape as PPO's update: rows without their common left padding
-            sl, _ = left_trim(batch, torch.arange(mb, min(mb + args.minibatch, args.batch)), False)
+            # the same micro-batch shape as PPO's update: rows without their common padding
+            sl = take_rows(batch, torch.arange(mb, min(mb + args.minibatch, args.batch)), False)
             out = policy(**sl)
             ((out["logps"] * out["mask"]).sum() + out["values"].sum()).backward()
             opt.step()

@@ -290,7 +290,7 @@ def rlhfkit_overrides(row: str, model: str, files: dict[str, str], out: str, ste
     if row in ("grpo", "rloo"):
         beta = 0.0 if row == "grpo" else 0.05
         return common + [f"data.path={files['prompts']}", f"prompts_per_step={BATCH // GROUP}",
-                         f"group_size={GROUP}", f"beta={beta}", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
+                         f"samples_per_prompt={GROUP}", f"kl_coef={beta}", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
                          f"generation.batch_size={BATCH}", "generation.do_sample=true", "generation.temperature=1.0",
                          "generation.top_k=0", "generation.top_p=1.0", "eval_max_rows=0"]
     raise ValueError(row)

@@ -1,6 +1,7 @@
 """``rlhfkit.train``: the one-call Python API (trlX's ``train(model, reward_fn=...)``, kept alive).
 
-Online (PPO, or GRPO/RLOO with ``algorithm=``)::
+Online (PPO, or GRPO / RLOO with ``algorithm=``; REINFORCE++ is ``algorithm="grpo"`` with
+``config={"algorithm": "reinforce_pp"}``)::
 
     import rlhfkit
     policy = rlhfkit.train("asset:smollm2", reward_fn=my_reward, prompts=["Tell me about cats."] * 64,
@@ -60,22 +61,9 @@ def train(model: Any, reward_fn: Optional[Callable] = None, prompts: Optional[Se
     cfg = make_config(recipe.Config, config, **{k.replace(".", "__"): v for k, v in overrides.items()})
     if prompts is None and not cfg.data.path:
         raise UserError("train(): pass prompts=[...] or set data.path in the config")
-    if algorithm == "ppo":
-        summary = recipe.run(cfg, reward_fn=reward_fn, prompts=list(prompts) if prompts is not None else None,
-                             model=model_obj, tokenizer=tokenizer)
-        return summary["policy"]
-    # GRPO/RLOO read prompts from data.path: write the list next to the run's output
-    if model_obj is not None:
-        raise UserError(f"train(algorithm='{algorithm}') takes a model name or path, not a model object")
-    if prompts is not None:
-        from pathlib import Path
-
-        from rlhfkit.utils import atomic_write_jsonl
-
-        path = Path(cfg.train.output_dir) / "prompts.jsonl"
-        atomic_write_jsonl(path, [{"prompt": p} for p in prompts])
-        cfg.data.path, cfg.data.prompt_template = str(path), None
-    return recipe.run(cfg, reward_fn=reward_fn)["policy"]
+    summary = recipe.run(cfg, reward_fn=reward_fn, prompts=list(prompts) if prompts is not None else None,
+                         model=model_obj, tokenizer=tokenizer)
+    return summary["policy"]
 
 
 __all__ = ["train", "make_config"]

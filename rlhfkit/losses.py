@@ -50,6 +50,9 @@ __all__ = [
     "gae",
     "kl_penalty",
     "group_advantages",
+    "reinforce_pp_advantages",
+    "aggregate",
+    "clipped_policy",
     "AdaptiveKLController",
     "FixedKLController",
     "entropy_from_logits",
@@ -63,6 +66,7 @@ __all__ = [
 DPO_VARIANTS = ("sigmoid", "robust", "ipo", "hinge")
 KL_KINDS = ("k1", "abs", "mse", "k3")
 GROUP_VARIANTS = ("grpo", "rloo")
+AGGREGATIONS = ("token", "sequence", "dr_grpo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,6 +504,96 @@ def group_advantages(
         others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         adv = grouped - others_mean
     return adv.reshape(rewards.shape)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ advantages (Hu et al. 2025, "REINFORCE++"; OpenRLHF / verl's
+    ``reinforce_plus_plus``): no critic and no group baseline.
+
+    ``token_rewards`` (B, T): the per-token reward of each response, right-padded (the recipe puts
+    -kl_coef x KL_t on every token and the task score on the last one); ``mask`` (B, T) marks the
+    response tokens. The return G_t = sum_{s >= t} gamma^(s - t) r_s (reversed discounted sum,
+    0 after the last valid token) is whitened over **all valid tokens of the batch** (global-batch
+    normalisation: the baseline is the batch mean, the scale the batch std with Bessel's
+    correction, ``whiten``) and zeroed outside the mask. Returns (B, T), detached.
+    """
+    rewards = _zero_outside(token_rewards.detach(), mask)  # (B, T)
+    returns = torch.zeros_like(rewards)  # (B, T)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running  # (B,)
+        returns[:, t] = running
+    return _zero_outside(whiten(returns, mask), mask)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: str = "token", max_tokens: Optional[int] = None) -> Tensor:
+    """Reduce a per-token loss (B, T) to a scalar over the valid tokens of ``mask`` (B, T).
+
+    - ``token`` (DAPO, Yu et al. 2025): sum over all valid tokens / their count: every token weighs
+      the same, so long responses are not down-weighted;
+    - ``sequence`` (the GRPO paper): each response's token mean, then the mean over responses;
+    - ``dr_grpo`` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training"): sum over all
+      valid tokens / (B x ``max_tokens``), a constant normaliser (the generation budget), so
+      neither the response length nor the batch's token count biases the gradient.
+    """
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if aggregation == "dr_grpo":
+        if not max_tokens or max_tokens <= 0:
+            raise ValueError("dr_grpo aggregation needs max_tokens > 0")
+        return _zero_outside(per_token, mask).sum() / (per_token.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+
+
+def clipped_policy(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip: float = 0.2,
+    aggregation: str = "token",
+    max_tokens: Optional[int] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """The critic-free policy loss of GRPO, RLOO and REINFORCE++: PPO's clipped surrogate plus
+    ``kl_coef`` x the k3 KL to the reference, both reduced by ``aggregate``.
+
+    Per token, ratio = exp(logprobs - old_logprobs):
+    l_t = max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip)) + kl_coef k3(logprobs, ref_logprobs).
+    ``advantages``: (B,) one per response (GRPO/RLOO) or (B, T) per token (REINFORCE++);
+    ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask``: (B, T). ``old_logprobs``,
+    ``advantages`` and ``ref_logprobs`` are constants. Metrics: ``loss/policy`` (the surrogate
+    term), ``clipfrac``, ``approx_kl`` (k3 of KL(old || new)), ``ratio`` (token means) and, with
+    ``kl_coef`` > 0, ``kl`` (token mean of k3) and ``loss/kl``.
+    """
+    adv = advantages.detach().to(logprobs.dtype)
+    adv = adv[:, None].expand_as(logprobs) if adv.dim() == 1 else adv  # (B, T)
+    log_ratio = logprobs - old_logprobs.detach()  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -adv * ratio  # (B, T)
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)  # (B, T)
+    pg = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
+    loss = pg
+    with torch.no_grad():
+        metrics = {
+            "loss/policy": pg.item(),
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+            "ratio": masked_mean(ratio, mask).item(),
+        }
+    if kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs")
+        kl = kl_penalty(logprobs, ref_logprobs.detach(), "k3")  # (B, T)
+        kl_term = aggregate(kl, mask, aggregation, max_tokens)
+        loss = loss + kl_coef * kl_term
+        metrics["kl"] = masked_mean(kl.detach(), mask).item()
+        metrics["loss/kl"] = float(kl_coef * kl_term.detach())
+    return loss, metrics
 
 
 class AdaptiveKLController:

@@ -261,14 +261,21 @@ class PolicyModel(nn.Module):
     whose head does more than a linear map (logit soft-capping, scaling) take the plain forward.
     Training loops wrap this module (not the bare LM) so DDP sees one forward.
 
-    Causal batches are compacted before the forward: each row's real tokens (``attention_mask``)
+    ``plain_forward`` is the reference semantics (one transformers forward, full log-softmax);
+    ``forward`` computes the same numbers in one of three layouts, chosen per batch by
+    ``choose_layout`` or passed by the code that builds the batch (``layout=``), each logged the
+    first time it is used and tested equal to ``plain_forward`` in outputs and gradients.
+
+    ``padded``: the batch as laid out (seq2seq always; causal rows when position ids are given).
+
+    ``compact``: causal rows are compacted before the forward: each row's real tokens (``attention_mask``)
     move to the front, in order, so the model runs on (B, max real length) instead of (B, T).
     The shared layout of ``rlhfkit.data.collate`` (prompts left-padded, completions right-padded
     so all completions start at one column) otherwise costs up to twice the compute; the
     outputs are put back in the caller's layout, and position ids count real tokens either way,
     so only float rounding changes.
 
-    Rows that share a prompt (the real tokens before the first label: DPO's chosen and rejected,
+    ``prefix``: rows that share a prompt (the real tokens before the first label: DPO's chosen and rejected,
     GRPO's group of samples, KTO's row and its KL pair) go through one forward as a prefix tree
     (:func:`prefix_tree`): the prompt once, then each completion attending to the prompt and to
     itself; and rows (or groups) of different lengths are packed side by side into the tree rows,
@@ -290,6 +297,7 @@ class PolicyModel(nn.Module):
             nn.init.zeros_(self.value_head.summary.weight)
             self.value_head.to(next(lm.parameters()).device)
         self.chunk_tokens = chunk_tokens
+        self._layouts_seen: set[str] = set()
         c = hf.config
         self._plain_head = (not self.is_seq2seq and not getattr(c, "final_logit_softcapping", None)
                             and not getattr(c, "logit_scale", None) and hf.get_output_embeddings() is not None)
@@ -298,9 +306,97 @@ class PolicyModel(nn.Module):
     def config(self):
         return unwrap(self.lm).config
 
+    def plain_forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None,
+                      decoder_attention_mask: Optional[torch.Tensor] = None,
+                      with_entropy: bool = False, **_: object) -> dict[str, torch.Tensor]:
+        """The reference semantics of ``forward``: one transformers forward over the batch as laid
+        out, the full (B, T, V) log-softmax, and the log-prob of each label. Causal: the state at
+        t - 1 predicts token t (position ids count real tokens, as ``generate`` does for left
+        padding) and V(s_t) is read from that same state; seq2seq: the decoder state at t. Every
+        layout of ``forward`` computes exactly this, faster (tests/test_models.py)."""
+        mask = labels != -100  # (B, T)
+        hf = unwrap(self.lm)
+        if self.is_seq2seq:
+            dec_in = hf.prepare_decoder_input_ids_from_labels(labels=labels.masked_fill(~mask, 0))
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_in,
+                          decoder_attention_mask=decoder_attention_mask, output_hidden_states=True, use_cache=False)
+            logits, hidden = out.logits, out.decoder_hidden_states[-1]  # (B, T, V), (B, T, H)
+        else:
+            positions = left_pad_positions(attention_mask) if attention_mask is not None else None
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          output_hidden_states=True, use_cache=False)
+            logits = torch.cat([torch.zeros_like(out.logits[:, :1]), out.logits[:, :-1]], 1)  # (B, T, V): t-1 -> t
+            h = out.hidden_states[-1]
+            hidden = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)  # (B, T, H)
+            mask = mask.clone()
+            mask[:, 0] = False  # nothing predicts the first column
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        result = {"logps": logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).masked_fill(~mask, 0.0),
+                  "mask": mask}
+        if with_entropy:
+            result["entropy"] = (-(logp.exp() * logp).sum(-1)).masked_fill(~mask, 0.0)  # (B, T)
+        if self.value_head is not None:
+            result["values"] = self.value_head(hidden) * mask  # (B, T)
+        return result
+
+    def choose_layout(self, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      position_ids: Optional[torch.Tensor] = None) -> str:
+        """The layout ``forward`` uses for a batch when none is given: ``prefix`` (rows that share a
+        prompt go through one prefix tree, rows packed without padding; causal models with a plain
+        LM head that pass :func:`prefix_sharing_supported`, when the tree saves ``min_shared``),
+        ``compact`` (each row's real tokens moved to the front: (B, max real length) instead of
+        (B, T)) or ``padded`` (the batch as laid out: seq2seq, given position ids, or nothing to
+        save)."""
+        if self.is_seq2seq or position_ids is not None or attention_mask is None:
+            return "padded"
+        real = attention_mask.bool()  # (B, T)
+        width = int(real.sum(-1).max()) if real.numel() else 0
+        if width == 0 or bool(((labels != -100) & ~real).any()):
+            return "padded"
+        if self._plain_head and prefix_sharing_supported(unwrap(self.lm)):
+            return "prefix"  # forward falls back to compact / padded when the tree saves too little
+        return "compact" if width < real.shape[1] else "padded"
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 decoder_attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                with_entropy: bool = False, **_: object) -> dict[str, torch.Tensor]:
+                with_entropy: bool = False, layout: Optional[str] = None, **_: object) -> dict[str, torch.Tensor]:
+        """``plain_forward``'s outputs, computed in ``layout`` (``prefix``, ``compact``, ``padded``;
+        None: ``choose_layout``). The layout used is logged the first time it is used."""
+        auto = layout is None
+        layout = self.choose_layout(labels, attention_mask, position_ids) if auto else layout
+        if layout == "prefix":
+            if not auto and not (self._plain_head and prefix_sharing_supported(unwrap(self.lm))):
+                raise ValueError(f"layout=prefix: {type(unwrap(self.lm)).__name__} cannot score a prefix tree")
+            real = attention_mask.bool()  # (B, T)
+            out = self._shared_prompts(input_ids, labels, real, with_entropy, 0.0 if not auto else self.min_shared)
+            if out is not None:
+                self._log_layout("prefix")
+                return out
+            if not auto:
+                raise ValueError("layout=prefix: this batch does not fit a prefix tree (see prefix_tree)")
+            width = int(real.sum(-1).max())
+            layout = "compact" if width < real.shape[1] else "padded"
+        if layout == "compact":
+            self._log_layout("compact")
+            real = attention_mask.bool()
+            return self._compacted(input_ids, labels, real, int(real.sum(-1).max()), with_entropy)
+        if layout != "padded":
+            raise ValueError(f"unknown layout {layout!r}; expected prefix, compact or padded")
+        self._log_layout("padded")
+        return self._padded(input_ids, labels, attention_mask, decoder_attention_mask, position_ids, with_entropy)
+
+    def _log_layout(self, layout: str) -> None:
+        if layout not in self._layouts_seen:
+            from rlhfkit.utils import logger
+
+            self._layouts_seen.add(layout)
+            logger.info(f"policy forward: {layout} layout ({LAYOUT_NOTES[layout]})")
+
+    def _padded(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                decoder_attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                with_entropy: bool) -> dict[str, torch.Tensor]:
+        """The batch as laid out; the LM head only at positions that predict a label, log-softmax in chunks."""
         mask = labels != -100  # (B, T)
         if self.is_seq2seq:
             hf = unwrap(self.lm)
@@ -314,14 +410,6 @@ class PolicyModel(nn.Module):
         else:
             hf = unwrap(self.lm)
             if position_ids is None and attention_mask is not None:
-                real = attention_mask.bool()  # (B, T)
-                width = int(real.sum(-1).max()) if real.numel() else 0
-                if width > 0 and not bool((mask & ~real).any()):
-                    shared = self._shared_prompts(input_ids, labels, real, with_entropy) if self._plain_head else None
-                    if shared is not None:
-                        return shared
-                    if width < real.shape[1]:
-                        return self._compacted(input_ids, labels, real, width, with_entropy)
                 position_ids = left_pad_positions(attention_mask)  # (B, T)
             sel = torch.zeros_like(mask)
             sel[:, 1:] = mask[:, 1:]  # position t is predicted by the hidden state at t - 1
@@ -361,11 +449,11 @@ class PolicyModel(nn.Module):
         keep = torch.arange(width, device=real.device)[None, :] < real.sum(-1, keepdim=True)  # (B, width)
         ids = input_ids.new_zeros((B, width)).masked_scatter(keep, input_ids[real])  # (B, width)
         lab = labels.new_full((B, width), -100).masked_scatter(keep, labels[real])  # (B, width)
-        out = self.forward(ids, lab, keep.long(), with_entropy=with_entropy)
+        out = self._padded(ids, lab, keep.long(), None, None, with_entropy)
         return {k: v.new_zeros((B, T)).masked_scatter(real, v[keep]) for k, v in out.items()}  # (B, T) each
 
     def _shared_prompts(self, input_ids: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
-                        with_entropy: bool) -> Optional[dict[str, torch.Tensor]]:
+                        with_entropy: bool, min_shared: Optional[float] = None) -> Optional[dict[str, torch.Tensor]]:
         """The forward as a prefix tree (rows with the same prompt share it, all rows packed without
         padding); None when that saves too little (``min_shared``) or the model fails the probe."""
         B, T = labels.shape
@@ -376,12 +464,10 @@ class PolicyModel(nn.Module):
             rows.append(input_ids[b, c].tolist())
             labs.append(labels[b, c])
         prompt_lens = [int((lab != -100).nonzero()[0]) if bool((lab != -100).any()) else len(lab) for lab in labs]
-        tree = prefix_tree(rows, prompt_lens, self.min_shared)
+        tree = prefix_tree(rows, prompt_lens, self.min_shared if min_shared is None else min_shared)
         if tree is None:
             return None
         hf = unwrap(self.lm)
-        if not prefix_sharing_supported(hf):
-            return None
         flat = prefix_tree_states(hf.base_model, tree)  # (R * L, H)
         src, targets = [], []
         sel = torch.zeros_like(real)  # (B, T): the positions that get a log-prob
@@ -401,6 +487,13 @@ class PolicyModel(nn.Module):
             v = self.value_head(hidden)  # (N,)
             result["values"] = torch.zeros((B, T), dtype=v.dtype, device=v.device).masked_scatter(sel, v)
         return result
+
+
+LAYOUT_NOTES = {
+    "prefix": "rows sharing a prompt run it once, rows packed without padding",
+    "compact": "each row's real tokens moved to the front",
+    "padded": "the batch as laid out",
+}
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048,
@@ -553,7 +646,7 @@ def _probe_prefix_sharing(hf: nn.Module) -> bool:
     body = hf.base_model
     was = body.training
     body.eval()
-    try:
+    try:  # an architecture that rejects 4D masks or position ids raises here: that is a bug to see
         vocab = hf.get_output_embeddings().weight.shape[0]
         rows = [[1, 2, 3, 4], [1, 2, 5], [6, 7], [8]]  # a shared prompt, and two rows packed into one
         rows = [[t % vocab for t in r] for r in rows]
@@ -566,8 +659,6 @@ def _probe_prefix_sharing(hf: nn.Module) -> bool:
             if not torch.allclose(got, plain, atol=1e-3 + 1e-2 * float(plain.abs().max()), rtol=0):
                 return False
         return True
-    except Exception:  # an architecture that rejects 4D masks or position ids
-        return False
     finally:
         body.train(was)
 
@@ -639,8 +730,10 @@ class Reference:
 
 
 def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig], policy: PolicyModel,
-                    needed: bool = True) -> Reference:
-    """The reference the config asks for; ``auto`` never drops a trained adapter silently."""
+                    needed: bool = True, start_model: Optional[nn.Module] = None) -> Reference:
+    """The reference the config asks for; ``auto`` never drops a trained adapter silently.
+    ``start_model``: a model object the policy starts from (Python API); a ``copy`` reference
+    without ``reference.model`` is then a frozen deep copy of it, not a load of ``model_cfg``."""
     from rlhfkit.utils import logger
 
     if not needed:
@@ -667,6 +760,11 @@ def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig],
     if kind == "none":
         logger.info("reference: none")
         return Reference("none")
+    if start_model is not None and not ref_cfg.model:
+        import copy
+
+        logger.info("reference: frozen copy of the model object the policy starts from")
+        return Reference("copy", model=copy.deepcopy(start_model))
     name = ref_cfg.model or model_cfg.name_or_path
     import dataclasses
 

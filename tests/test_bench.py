@@ -110,8 +110,8 @@ def test_every_row_is_a_valid_rlhfkit_command(row, tmp_path):
     if row == "dpo_lora":
         assert cfg.lora.enabled and cfg.reference.kind == "disabled_adapter"
     if row in ("grpo", "rloo"):
-        assert cfg.prompts_per_step * cfg.group_size == V.BATCH
-        assert cfg.algorithm == row and cfg.beta == (0.0 if row == "grpo" else 0.05)
+        assert cfg.prompts_per_step * cfg.samples_per_prompt == V.BATCH
+        assert cfg.algorithm == row and cfg.kl_coef == (0.0 if row == "grpo" else 0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from rlhfkit.config import (
 )
 from rlhfkit.data import Example, collate
 from rlhfkit.models import PolicyModel, Reference, load_model, load_policy
+from rlhfkit import losses as L
+from rlhfkit import rollout as R
 from rlhfkit.recipes import grpo
 
 
@@ -37,7 +39,7 @@ def make_config(model: str, data: str, out, steps: int = 20, **kw) -> grpo.Confi
                         eval_fraction=0.1),
         train=TrainConfig(**train),
         generation=GenerationConfig(max_new_tokens=8, batch_size=64),
-        prompts_per_step=4, group_size=8, eval_max_rows=20,
+        prompts_per_step=4, samples_per_prompt=8, eval_max_rows=20,
     )
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -67,8 +69,8 @@ ADV = torch.tensor([1.0, -2.0, 0.5])
 ])
 def test_first_update_is_minus_mean_advantage_and_kl_zero(aggregation, expected):
     logps = torch.tensor([[-1.0, -2.0, 0.0, 0.0], [-0.5, -1.5, -3.0, 0.0], [-2.5, 0.0, 0.0, 0.0]], requires_grad=True)
-    loss, m = grpo.grpo_loss(logps, logps.detach(), logps.detach(), ADV, MASK, clip=0.2, beta=0.3,
-                             aggregation=aggregation)
+    loss, m = L.clipped_policy(logps, logps.detach(), ADV, MASK, clip=0.2, aggregation=aggregation,
+                               ref_logprobs=logps.detach(), kl_coef=0.3)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert m["kl"] == 0.0 and m["clipfrac"] == 0.0 and m["approx_kl"] == 0.0
     loss.backward()
@@ -104,7 +106,7 @@ def test_loss_equals_token_by_token_reference(aggregation):
     lp = -torch.rand((3, 4), generator=g) * 3
     old = lp + (torch.rand((3, 4), generator=g) - 0.5)  # ratios from 0.6 to 1.6: some clipped
     ref = lp + (torch.rand((3, 4), generator=g) - 0.5)
-    loss, m = grpo.grpo_loss(lp, old, ref, ADV, MASK, clip=0.2, beta=0.1, aggregation=aggregation)
+    loss, m = L.clipped_policy(lp, old, ADV, MASK, clip=0.2, aggregation=aggregation, ref_logprobs=ref, kl_coef=0.1)
     assert loss.item() == pytest.approx(reference_loss(lp, old, ref, ADV, MASK, 0.2, 0.1, aggregation), abs=1e-6)
     assert 0 < m["clipfrac"] < 1
 
@@ -119,14 +121,14 @@ def test_recipe_loss_on_a_hand_made_rollout(tiny_llama):
                     tok.pad_token_id, False)
     ref = Reference("copy", model=load_model(ModelConfig(name_or_path=tiny_llama)))
     mb = {**batch, "advantages": ADV, "ref_logps": ref.logps(batch)}
-    cfg = grpo.Config(beta=0.5)
-    loss, m = grpo.policy_loss(policy, mb, cfg)
+    cfg = grpo.Config(kl_coef=0.5)
+    loss, m = grpo.policy_loss(policy, mb, cfg, max_tokens=8)
     assert loss.item() == pytest.approx(3.5 / 6, abs=1e-5)  # response lengths 2, 3, 1 as in MASK
     assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["ratio"] == pytest.approx(1.0)
     assert 0 < m["entropy"] < torch.log(torch.tensor(float(len(tok)))).item() + 1e-4
     # with the sampling policy's log-probs passed in (several updates per iteration): the same
     old = policy(**batch)["logps"].detach()
-    loss2, _ = grpo.policy_loss(policy, {**mb, "old_logps": old}, cfg)
+    loss2, _ = grpo.policy_loss(policy, {**mb, "old_logps": old}, cfg, max_tokens=8)
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
 
 
@@ -144,16 +146,19 @@ def keyed_reward(prompts, completions, pid, **columns):
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_advantages_are_per_group_of_repeated_prompts(tiny_gpt2, algorithm):
     model, tok = load_policy(ModelConfig(name_or_path=tiny_gpt2))
-    items = [grpo.PromptItem(f"the {w} sees", tok(f"the {w} sees")["input_ids"], {"pid": k, "word": w})
+    items = [R.PromptItem(f"the {w} sees", f"the {w} sees", tok(f"the {w} sees")["input_ids"], {"pid": k, "word": w})
              for k, w in enumerate(["cat", "dog", "bird"])]
-    cfg = grpo.Config(algorithm=algorithm, group_size=4, generation=GenerationConfig(max_new_tokens=6, batch_size=5))
+    cfg = grpo.Config(algorithm=algorithm, samples_per_prompt=4,
+                      generation=GenerationConfig(max_new_tokens=6, batch_size=5))
     torch.manual_seed(0)
-    b = grpo.sample_and_score(model, tok, items, grpo.make_reward(cfg, keyed_reward), cfg)
-    assert b.prompts == ["the cat sees"] * 4 + ["the dog sees"] * 4 + ["the bird sees"] * 4
-    rewards = b.rewards.tolist()
+    b = R.make_experience(PolicyModel(model), tok, items, R.make_reward([], 0.0, keyed_reward), cfg.generation,
+                          samples_per_prompt=4, old_logps=False)
+    prompts = [it.prompt for it in b.items]
+    assert prompts == ["the cat sees"] * 4 + ["the dog sees"] * 4 + ["the bird sees"] * 4
+    rewards = b.scores.tolist()
     # the rows' columns travel with their prompt: reward // 100 is the prompt id
     assert [int(r // 100) for r in rewards] == [0] * 4 + [1] * 4 + [2] * 4
-    assert rewards == pytest.approx(keyed_reward(b.prompts, b.completions, [0] * 4 + [1] * 4 + [2] * 4))
+    assert rewards == pytest.approx(keyed_reward(prompts, b.completions, [0] * 4 + [1] * 4 + [2] * 4))
     expected = []
     for k in range(3):
         g = rewards[4 * k: 4 * k + 4]
@@ -162,7 +167,7 @@ def test_advantages_are_per_group_of_repeated_prompts(tiny_gpt2, algorithm):
         else:
             expected += [r - (sum(g) - r) / 3 for r in g]
     # grouping the wrong rows together would leak the 100 x prompt id offsets into the advantages
-    assert b.tensors["advantages"].tolist() == pytest.approx(expected, abs=1e-4)
+    assert grpo.advantages(b, cfg).tolist() == pytest.approx(expected, abs=1e-4)
     assert max(abs(a) for a in expected) < 10
     # the training batch holds the same responses in the same order
     labels = b.tensors["labels"]
@@ -181,7 +186,7 @@ def test_take_rows_drops_only_padding(fixture, request):
     batch = collate(examples, tok.pad_token_id, seq2seq)
     full = policy(**batch)
     idx = torch.tensor([2, 1])
-    part = grpo.take_rows(batch, idx, seq2seq)
+    part = R.take_rows(batch, idx, seq2seq)
     assert part["input_ids"].shape[1] < batch["input_ids"].shape[1]  # the 6-token prompt's padding is gone
     sub = policy(**part)
     assert torch.allclose(sub["logps"][sub["mask"]], full["logps"][idx][full["mask"][idx]], atol=1e-5)
@@ -206,12 +211,13 @@ def test_rloo_command_and_config_checks():
     assert module == "rlhfkit.recipes.grpo" and cli.COMMANDS["grpo"][0] == module
     assert load_config(grpo.Config, None, preset).algorithm == "rloo"
     assert load_config(grpo.Config).algorithm == "grpo"
-    with pytest.raises(ConfigError, match="algorithm must be one of"):
+    with pytest.raises(ConfigError, match="'algorithm' must be one of"):
         load_config(grpo.Config, None, ["algorithm=ppo"])
     with pytest.raises(ConfigError, match="minibatches=3 must divide"):
         load_config(grpo.Config, None, ["minibatches=3"])  # 8 x 4 = 32 responses
-    with pytest.raises(ConfigError, match="group_size must be >= 2"):
-        load_config(grpo.Config, None, ["group_size=1"])
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+        load_config(grpo.Config, None, ["samples_per_prompt=1"])
+    assert load_config(grpo.Config, None, ["samples_per_prompt=1", "algorithm=reinforce_pp"]).samples_per_prompt == 1
     with pytest.raises(ConfigError, match="train.grad_accum must be 1"):
         load_config(grpo.Config, None, ["train.grad_accum=2"])
     with pytest.raises(ConfigError, match="loss_aggregation"):
@@ -232,7 +238,7 @@ def test_example_config_loads():
 def test_configured_rewards_are_logged_per_part(tiny_llama, tmp_path):
     """Two config rewards: every part is logged, and reward/mean = bias + sum_k w_k reward/<k>."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
-    cfg = make_config(tiny_llama, data, tmp_path / "run", steps=2, beta=0.0, reward_bias=0.25, eval_max_rows=4,
+    cfg = make_config(tiny_llama, data, tmp_path / "run", steps=2, kl_coef=0.0, reward_bias=0.25, eval_max_rows=4,
                       rewards=[RewardConfig(kind="token_frequency", token="a", weight=2.0),
                                RewardConfig(kind="length", weight=0.5, min_words=3, max_words=4)])
     summary = grpo.run(cfg)
@@ -242,7 +248,7 @@ def test_configured_rewards_are_logged_per_part(tiny_llama, tmp_path):
         assert r["reward/mean"] == pytest.approx(0.25 + 2.0 * r["reward/token_frequency"] + 0.5 * r["reward/length"])
         assert {"loss", "entropy", "clipfrac", "approx_kl", "response_length/mean", "time/generate",
                 "time/reward", "time/reference", "time/update"} <= set(r)
-        assert "kl" not in r  # beta = 0: no reference
+        assert "kl" not in r  # kl_coef = 0: no reference
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4
     assert statistics.mean(s["rewards"]["before"] for s in samples) == pytest.approx(summary["eval_reward_start"])
@@ -265,9 +271,9 @@ def check_learned(summary, out, margin: float = 0.2):
 
 @pytest.mark.learning
 def test_grpo_lora_raises_reward_causal(tiny_llama, tmp_path):
-    """GRPO, LoRA (reference: the base with the adapter disabled), beta 0.04, token aggregation."""
+    """GRPO, LoRA (reference: the base with the adapter disabled), kl_coef 0.04, token aggregation."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(200))
-    cfg = make_config(tiny_llama, data, tmp_path / "run", steps=20, lora=True, train={"lr": 2e-2}, beta=0.04)
+    cfg = make_config(tiny_llama, data, tmp_path / "run", steps=20, lora=True, train={"lr": 2e-2}, kl_coef=0.04)
     summary = grpo.run(cfg, reward_fn=letter_a)
     check_learned(summary, tmp_path / "run")
     kl = [r["kl"] for r in metrics_lines(tmp_path / "run") if "kl" in r]
@@ -277,9 +283,9 @@ def test_grpo_lora_raises_reward_causal(tiny_llama, tmp_path):
 
 @pytest.mark.learning
 def test_rloo_raises_reward_causal(tiny_gpt2, tmp_path):
-    """RLOO, full fine-tune (reference: a frozen copy), beta 0.04."""
+    """RLOO, full fine-tune (reference: a frozen copy), kl_coef 0.04."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(200))
-    cfg = make_config(tiny_gpt2, data, tmp_path / "run", steps=20, train={"lr": 1e-2}, beta=0.04, algorithm="rloo")
+    cfg = make_config(tiny_gpt2, data, tmp_path / "run", steps=20, train={"lr": 1e-2}, kl_coef=0.04, algorithm="rloo")
     summary = grpo.run(cfg, reward_fn=letter_a)
     assert summary["command"] == "rloo"
     check_learned(summary, tmp_path / "run")
@@ -287,11 +293,31 @@ def test_rloo_raises_reward_causal(tiny_gpt2, tmp_path):
 
 @pytest.mark.learning
 def test_grpo_raises_reward_seq2seq(tiny_t5, tmp_path):
-    """GRPO on T5, no reference (beta 0), sequence aggregation, 2 epochs x 2 minibatches per rollout."""
+    """GRPO on T5, no reference (kl_coef 0), sequence aggregation, 2 epochs x 2 minibatches per rollout."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(200))
-    cfg = make_config(tiny_t5, data, tmp_path / "run", steps=12, beta=0.0, loss_aggregation="sequence",
+    cfg = make_config(tiny_t5, data, tmp_path / "run", steps=12, kl_coef=0.0, loss_aggregation="sequence",
                       ppo_epochs=2, minibatches=2, train={"batch_size": 16})
     summary = grpo.run(cfg, reward_fn=letter_a)
     check_learned(summary, tmp_path / "run")
     rows = [r for r in metrics_lines(tmp_path / "run") if "clipfrac" in r]
     assert max(r["clipfrac"] for r in rows) > 0  # later updates of an iteration are off-policy
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "dr_grpo"])
+def test_micro_batches_weighted_like_the_recipe_equal_one_batch(tiny_llama, aggregation):
+    """The recipe weighs micro-batch losses by tokens (token) or rows (sequence, dr_grpo): the
+    weighted mean of the micro-batch losses (and so the accumulated gradient) is the loss of the
+    whole minibatch."""
+    model, tok = load_policy(ModelConfig(name_or_path=tiny_llama))
+    policy = PolicyModel(model)
+    batch = collate([Example([5, 6, 7], [8, 9]), Example([5], [10, 11, 12]), Example([6, 7], [13]),
+                     Example([9, 9, 9, 9], [14, 15, 16, 17])], tok.pad_token_id, False)
+    cfg = grpo.Config(kl_coef=0.0, loss_aggregation=aggregation)
+    tensors = {**batch, "advantages": torch.tensor([1.0, -2.0, 0.5, 0.25])}
+    tensors["old_logps"] = policy(**batch)["logps"].detach() + 0.1 * torch.arange(batch["labels"].shape[1])
+    full, _ = grpo.policy_loss(policy, tensors, cfg, max_tokens=8)
+    parts = [R.take_rows(tensors, idx, False) for idx in torch.tensor([2, 0, 3, 1]).split(2)]
+    weights = [float((m["labels"] != -100).sum()) if aggregation == "token" else float(len(m["labels"])) for m in parts]
+    losses_ = [grpo.policy_loss(policy, m, cfg, max_tokens=8)[0].item() for m in parts]
+    assert sum(w * l for w, l in zip(weights, losses_)) / sum(weights) == pytest.approx(full.item(), abs=1e-6)

@@ -397,6 +397,56 @@ def test_group_advantages_by_hand():
 
 
 @pytest.mark.unit
+def test_reinforce_pp_advantages_by_hand():
+    r = t([0.0, 1.0], [2.0, 5.0])  # 5.0 is padding: masked out before the sums
+    mask = t([1, 1], [1, 0]).bool()
+    # gamma 1: returns [[0 + 1, 1], [2, 0]]; valid 1, 1, 2: mean 4/3, deviations -1/3, -1/3, 2/3,
+    # unbiased var (1/9 + 1/9 + 4/9) / 2 = 1/3, std 0.57735 -> -0.57735, -0.57735, 1.154700
+    adv = L.reinforce_pp_advantages(r, mask)
+    assert adv.tolist() == [approx([-0.5773502, -0.5773502], rel=1e-6), approx([1.1547005, 0.0], rel=1e-6)]
+    # gamma 0.5: returns [[0.5 x 1, 1], [2, 0]]; mean 7/6, deviations -2/3, -1/6, 5/6,
+    # var (4/9 + 1/36 + 25/36) / 2 = 7/12, std 0.7637626 -> -0.872872, -0.218218, 1.091089
+    adv = L.reinforce_pp_advantages(r, mask, gamma=0.5)
+    assert adv.tolist() == [approx([-0.8728716, -0.2182179], rel=1e-6), approx([1.0910895, 0.0], rel=1e-6)]
+
+
+@pytest.mark.unit
+def test_loss_aggregations_by_hand():
+    x = t([1.0, 2.0, 9.0], [3.0, NAN, INF])  # padding never counts
+    mask = t([1, 1, 0], [1, 0, 0]).bool()
+    assert float(L.aggregate(x, mask, "token")) == approx((1 + 2 + 3) / 3)  # DAPO: 2
+    assert float(L.aggregate(x, mask, "sequence")) == approx((1.5 + 3) / 2)  # GRPO: 2.25
+    assert float(L.aggregate(x, mask, "dr_grpo", max_tokens=4)) == approx(6 / (2 * 4))  # Dr. GRPO: 0.75
+    with pytest.raises(ValueError, match="max_tokens"):
+        L.aggregate(x, mask, "dr_grpo")
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        L.aggregate(x, mask, "mean")
+
+
+@pytest.mark.unit
+def test_clipped_policy_with_kl_by_hand():
+    old = t([0.0, 0.0])[None]
+    lp = torch.log(t([1.5, 0.5]))[None].requires_grad_(True)  # ratios 1.5 and 0.5
+    mask = t([1, 1])[None].bool()
+    adv = t([2.0])  # one advantage per response, broadcast over its tokens
+    # token 0: max(-2 x 1.5, -2 x 1.2) = -2.4 (clipped); token 1: max(-2 x 0.5, -2 x 0.8) = -1.0
+    # k3 to ref = 0 with d = lp: 1/1.5 - 1 + ln 1.5 = 0.0721318, 2 - 1 + ln 0.5 = 0.3068528
+    loss, m = L.clipped_policy(lp, old, adv, mask, clip=0.2, ref_logprobs=t([0.0, 0.0])[None], kl_coef=0.1)
+    kl = (0.0721318 + 0.3068528) / 2
+    assert loss.item() == approx(-1.7 + 0.1 * kl, rel=1e-6)
+    assert m["loss/policy"] == approx(-1.7) and m["clipfrac"] == approx(0.5) and m["kl"] == approx(kl, rel=1e-6)
+    loss.backward()
+    # token 0: the clipped term has no gradient; k3' = 1 - exp(-d) = 1/3, x 0.1 / 2 tokens
+    # token 1: -A ratio / 2 = -0.5; k3' = 1 - 2 = -1, x 0.1 / 2 = -0.05
+    assert lp.grad.tolist() == [approx([0.1 / 3 / 2, -0.55], rel=1e-6)]
+    # per-token advantages (REINFORCE++) and no KL: token mean of max(-A r, -A clip(r))
+    lp2 = torch.log(t([1.5, 0.5]))[None]
+    loss, m = L.clipped_policy(lp2, old, t([1.0, -1.0])[None], mask, clip=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2; token 1: max(0.5, 0.8) = 0.8 -> mean -0.2, both clipped
+    assert float(loss) == approx(-0.2) and m["clipfrac"] == approx(1.0) and "kl" not in m
+
+
+@pytest.mark.unit
 def test_group_advantages_errors():
     r = t([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="groups of 2"):

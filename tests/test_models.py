@@ -405,3 +405,55 @@ def test_adapter_path_without_adapter_is_a_user_error(tiny_gpt2, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no adapter_config.json"):
         apply_lora(model, LoraConfig(enabled=True, adapter_path=str(tmp_path / "empty")))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_layout_equals_the_plain_forward(kind, request):
+    """plain_forward (one transformers forward, full log-softmax) is the reference: each layout of
+    forward gives its outputs and its gradients (value head included)."""
+    model, tok = load(request.getfixturevalue(kind))
+    model.train()
+    seq2seq = kind == "tiny_t5"
+    policy = PolicyModel(model, value_head=True)
+    torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)  # it starts at zero: make values informative
+    exs = examples(tok, seq2seq)
+    c = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (" a dog", " two cats and a bird")]
+    rows = exs + [Example(exs[0].prompt_ids, c[0]), Example(exs[0].prompt_ids, c[1])]  # a shared prompt
+    batch = collate(rows, tok.pad_token_id, seq2seq)
+
+    def run(fn, **kw):
+        policy.zero_grad(set_to_none=True)
+        out = fn(**batch, with_entropy=True, **kw)
+        ((out["logps"] * out["mask"]).sum() + out["values"].sum() + out["entropy"].sum()).backward()
+        return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in policy.named_parameters()
+                                                        if p.grad is not None}
+
+    plain, g_plain = run(policy.plain_forward)
+    assert int(plain["mask"].sum()) == sum(len(e.completion_ids) for e in rows)
+    layouts = ["padded"] if seq2seq else ["padded", "compact", "prefix"]
+    assert policy.choose_layout(batch["labels"], batch["attention_mask"]) == ("padded" if seq2seq else "prefix")
+    for layout in layouts:
+        out, grads = run(policy, layout=layout)
+        assert torch.equal(out["mask"], plain["mask"]), layout
+        for k in ("logps", "entropy", "values"):
+            torch.testing.assert_close(out[k], plain[k], atol=2e-5, rtol=0, msg=f"{layout} {k}")
+        assert grads.keys() == g_plain.keys() and len(grads) > 0
+        for n in grads:
+            torch.testing.assert_close(grads[n], g_plain[n], atol=1e-4, rtol=1e-3, msg=f"{layout} {n}")
+    assert policy._layouts_seen == set(layouts)  # each logged once when first used
+
+
+@pytest.mark.unit
+def test_prefix_sharing_probe_raises_instead_of_answering_no(tiny_llama, monkeypatch):
+    from rlhfkit import models as M
+
+    model, _ = load(tiny_llama)
+    monkeypatch.setattr(M, "_PREFIX_SUPPORT", {})
+
+    def broken(*a, **k):
+        raise TypeError("4D masks are not supported")
+
+    monkeypatch.setattr(M, "prefix_tree_states", broken)
+    with pytest.raises(TypeError, match="4D masks"):
+        M.prefix_sharing_supported(model)

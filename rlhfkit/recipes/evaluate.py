@@ -50,6 +50,7 @@ from rlhfkit.data import (Example, Table, collate, encode_completion, encode_pro
                           wrap_prompt)
 from rlhfkit.models import PolicyModel, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
 from rlhfkit.rewards import Toxicity, build_reward, validate_reward
+from rlhfkit.rollout import reward_columns
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
 
 
@@ -186,14 +187,6 @@ def text_column(table: Table, col: str, what: str) -> list[str]:
             raise UserError(f"{table.where(i)}: column '{col}' ({what}) must be text, got {type(value).__name__}")
         out.append(value)
     return out
-
-
-def row_columns(table: Table) -> dict[str, list]:
-    """Every column as a per-row list (None where a row lacks it): the ``**columns`` of rewards."""
-    keys: list[str] = []
-    for row in table.rows:
-        keys.extend(k for k in row if k not in keys)
-    return {k: [row.get(k) for row in table.rows] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +491,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     sources = text_column(table, cfg.source_column, "source_column") if cfg.source_column else None
     file_completions = {e.name: text_column(table, e.column or e.name, f"completions of model '{e.name}'")
                         for e in cfg.models if e.from_file}  # check the file before loading any model
-    columns = row_columns(table)
+    columns = reward_columns(table.rows)
     composite = build_reward(cfg.rewards) if cfg.rewards else None
     part_names = [p[0] for p in composite.parts] if composite else []
     judge_name = cfg.judge or ("total" if composite else "toxicity")

@@ -1,102 +1,90 @@
-"""Online group-relative policy optimisation: GRPO and RLOO (``rlhfkit grpo`` / ``rlhfkit rloo``).
+"""Critic-free online policy optimisation: GRPO, RLOO and REINFORCE++ (``rlhfkit grpo`` /
+``rlhfkit rloo``; ``algorithm: reinforce_pp``).
 
-GRPO: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open
-Language Models", section 4.1. RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting
-REINFORCE-Style Optimization for Learning from Human Feedback in LLMs". Neither needs a value
-model: the baseline of a response is computed from the other responses to the same prompt.
+GRPO: Shao et al. 2024, "DeepSeekMath", section 4.1. RLOO: Ahmadian et al. 2024, "Back to
+Basics: Revisiting REINFORCE-Style Optimization for Learning from Human Feedback in LLMs".
+REINFORCE++: Hu et al. 2025 (as OpenRLHF's and verl's ``reinforce_plus_plus``). None needs a value
+model. They share PPO's experience core (``rollout.make_experience``) and differ from PPO and
+from each other only in the advantages and the loss.
 
-One iteration (one logged step, ``train.max_steps`` of them):
+One iteration (one logged step, ``train.max_steps`` of them, or ``train.epochs`` passes over the
+prompts):
 
-1. data: take ``prompts_per_step`` prompts (a seeded permutation per pass over the data, so a
-   resumed run draws the same prompts) and repeat each ``group_size`` = G times, the copies of a
-   prompt consecutive: ``[p0]*G + [p1]*G + ...``;
-2. rollout: sample one response per row (``rollout.rollout``, ``generation.*``);
-3. reward: score every response with the reward layer (``rewards:``, a weighted sum plus
-   ``reward_bias``; each part is logged as ``reward/<name>``) or with a Python callable
-   ``run(cfg, reward_fn=...)``, which replaces ``rewards:``;
-4. advantages (``losses.group_advantages`` over the consecutive groups), one per response and
-   the same for all its tokens:
-   ``grpo``: A_i = (r_i - mean_g r) / (std_g r + 1e-4) (unbiased std; ``scale_rewards=false``
-   keeps only r_i - mean_g r, as Dr. GRPO, Liu et al. 2025); ``rloo``: A_i = r_i - mean of the
-   other G - 1 rewards;
-5. no-grad passes: log-probs of the sampled tokens under the reference (``beta`` > 0 only) and,
-   when an iteration makes more than one optimizer update, under the sampling policy (the "old"
-   log-probs of the ratio; with one update they equal the live log-probs, detached);
-6. update: ``ppo_epochs`` passes over the responses, each shuffled and cut into ``minibatches``
-   minibatches, one optimizer step (``Engine.step``) per minibatch. Per token t of response i,
-   with ratio = exp(log pi_theta - log pi_old):
+1. data: ``prompts_per_step`` prompts (a seeded permutation per pass, length-grouped with
+   ``train.group_by_length``), each answered ``samples_per_prompt`` = G times, the answers to a
+   prompt consecutive;
+2. experience (``rollout.make_experience``): sample, score with the reward layer (``rewards:``,
+   or a Python ``reward_fn``; each part logged as ``reward/<name>``), and the no-grad passes:
+   the reference's log-probs (``kl_coef`` > 0) and the sampling policy's when an iteration makes
+   several updates (or REINFORCE++ needs them for its KL reward);
+3. advantages:
+   ``grpo``: A_i = (r_i - mean_g r) / (std_g r + 1e-4) (``scale_rewards=false``: only the mean is
+   taken off, as Dr. GRPO); ``rloo``: A_i = r_i - mean of the other G - 1 rewards (both
+   ``losses.group_advantages``, one value for all tokens of a response); ``reinforce_pp``: the
+   per-token reward -kl_coef (log pi_old - log pi_ref) plus the score on the last token, summed
+   to the end (gamma 1) and whitened over the whole batch (``losses.reinforce_pp_advantages``);
+4. update: ``ppo_epochs`` passes, each shuffled and cut into ``minibatches`` minibatches, one
+   optimizer step per minibatch, of ``losses.clipped_policy``:
+       l_it = max(-A ratio, -A clip(ratio, 1 - clip_range, 1 + clip_range)) + kl_coef k3_it
+   (no k3 term for REINFORCE++, whose KL is in the reward), reduced by ``loss_aggregation``:
+   ``token`` (DAPO: mean over all tokens of the minibatch), ``sequence`` (the GRPO paper: mean per
+   response, then over responses) or ``dr_grpo`` (Dr. GRPO: token sum / (responses x the
+   generation budget)). Gradient accumulation over micro-batches of ``train.batch_size``
+   responses is exact for all three (the engine weighs micro-batches by tokens or rows).
 
-       l_it = max(-A_i ratio, -A_i clip(ratio, 1 - clip_epsilon, 1 + clip_epsilon))
-              + beta * k3_it,   k3 = exp(ref - lp) - 1 - (ref - lp)   (losses.kl_penalty "k3")
-
-   ``loss_aggregation=token`` (default; DAPO, Yu et al. 2025): the mean of l_it over all valid
-   tokens of the minibatch; ``sequence`` (the GRPO paper's 1/G sum_i 1/|o_i| sum_t): the mean
-   over each response's tokens, then the mean over responses. Gradient accumulation over
-   micro-batches of ``train.batch_size`` responses is exact for both (the engine weighs each
-   micro-batch by its tokens or its rows).
-
-Per-step metrics: ``reward/mean``, ``reward/std`` (of the summed reward over all G x prompts
-responses), ``reward/<part>`` (mean raw value of each part), ``advantage/zero_std_groups``
-(fraction of groups whose rewards are all equal: they carry no signal), ``kl`` (mean per-token
-**k3** estimate of KL(pi_theta || pi_ref) on the sampled tokens, in the update passes; only when
-``beta`` > 0), ``clipfrac``, ``approx_kl`` (k3 of KL(pi_old || pi_theta), from
-``losses.ppo_policy``), ``entropy`` (mean per-token entropy of the policy in the update passes),
-``response_length/mean``, ``response_length/truncated`` (fraction that hit max_new_tokens
-without EOS), ``loss``, ``grad_norm``, ``lr``, and seconds per phase: ``time/generate``,
-``time/reward``, ``time/reference`` (reference and old-policy log-prob passes), ``time/update``.
-Optimizer-update metrics are averaged over the iteration's updates. Evaluation: the mean reward
-of greedy responses to the held-out prompts (at most ``eval_max_rows``) before training, every
-``train.eval_every`` iterations, and at the end (``eval_reward_start`` / ``eval_reward_end`` in
-summary.json; the responses in ``samples.jsonl``, the run viewer's format).
+Metrics: ``reward/mean``, ``reward/std``, ``reward/<part>``, ``advantage/zero_std_groups``
+(groups whose rewards are all equal carry no signal), ``kl`` (mean per-token k3 to the reference
+in the update passes; for REINFORCE++ the k1 of the sampling pass), ``clipfrac``, ``approx_kl``,
+``entropy``, ``response_length/mean``, ``response_length/truncated``, ``loss``, ``grad_norm``,
+``lr``, ``time/generate``, ``time/reward``, ``time/reference`` (the no-grad passes),
+``time/update``; update metrics are averaged over the iteration's updates. Held-out evaluation
+(greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl``) before training, every
+``train.eval_every`` iterations and at the end (``recipes/_online.py``).
 
 Deliberate deviations:
-- GRPO's KL term is the paper's k3 estimator but averaged like the surrogate (token-level by
-  default); the paper's outer iteration over reward-model updates (iterative GRPO) is left out.
-- RLOO in the paper is REINFORCE on whole sequences with the KL penalty folded into the reward.
-  Here the RLOO advantage goes through the same loss as GRPO: with ``ppo_epochs=1``,
-  ``minibatches=1`` the ratio is 1 and the clipped surrogate's gradient is exactly REINFORCE's,
-  -A_i grad log pi(o_i) summed over the tokens and divided by the batch's token count (token
-  aggregation: the paper's sequence-sum loss up to one factor per batch, absorbed by the learning
-  rate); the KL is a k3 loss term to the reference rather than a reward penalty.
-- Rewards are not whitened across the batch beyond the group normalisation above.
-- ``train.max_steps`` counts iterations; the learning-rate schedule (and ``warmup_steps``,
-  also in iterations) spans all ``max_steps x ppo_epochs x minibatches`` optimizer updates
-  (``Engine(updates_per_step=...)``). ``train.grad_accum`` must stay 1: a minibatch is one
-  optimizer step, accumulated over micro-batches of ``train.batch_size`` responses.
-- Across several processes each process samples its own prompts (its slice of the step's
-  prompts) and normalises within its own groups, which never span processes.
+- GRPO's KL term is the paper's k3 estimator but aggregated like the surrogate; the paper's outer
+  iteration over reward-model updates (iterative GRPO) is left out.
+- RLOO in the paper is REINFORCE on whole sequences with the KL folded into the reward. Here the
+  RLOO advantage goes through the same clipped loss: with one update per iteration the ratio is
+  1 and the gradient is exactly REINFORCE's, -A_i grad log pi(o_i), divided by the batch's token
+  count (token aggregation); the KL is a k3 loss term rather than a reward penalty.
+- ``train.max_steps`` counts iterations; the learning-rate schedule spans all ``max_steps x
+  ppo_epochs x minibatches`` optimizer updates. ``train.grad_accum`` must stay 1: a minibatch is
+  one optimizer step, accumulated over micro-batches of ``train.batch_size`` responses.
+- Across several processes each process samples its own prompts and normalises within its own
+  groups (REINFORCE++: within its own batch), which never span processes.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Literal, Optional, Sequence
 
 import torch
 
+from rlhfkit import losses
 from rlhfkit.config import (
     ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig, TrainConfig,
-    UserError, _check_choice, _check_positive,
+    _check_choice, _check_positive,
 )
-from rlhfkit.data import DataStats, StepBatcher, encode_prompt, fit_lengths, load_splits, prompt_examples
+from rlhfkit.data import StepBatcher
 from rlhfkit.engine import Engine, process_info, total_steps_for
-from rlhfkit.losses import group_advantages, kl_penalty, masked_mean, ppo_policy
-from rlhfkit.models import PolicyModel, build_reference, load_policy, save_pretrained
-from rlhfkit.rewards import Composite, build_reward, validate_reward
-from rlhfkit.rollout import rollout, sample_max_new_tokens, score
-from rlhfkit.utils import atomic_write_text, logger, seed_everything
+from rlhfkit.models import PolicyModel, build_reference, save_pretrained
+from rlhfkit.recipes._online import HeldOutEval, online_prompts
+from rlhfkit.rollout import (MODEL_KEYS, Rollout, load_online_policy, make_experience, make_reward,
+                             sample_max_new_tokens, take_rows)
+from rlhfkit.utils import logger, seed_everything
 
-ALGORITHMS = ["grpo", "rloo"]
-AGGREGATIONS = ["token", "sequence"]
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
+ALGORITHMS = ["grpo", "rloo", "reinforce_pp"]
+AGGREGATIONS = list(losses.AGGREGATIONS)
 
 
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"beta": "kl_coef", "clip_epsilon": "clip_range",
+                                         "group_size": "samples_per_prompt"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (and, for full fine-tunes, the reference it starts from)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -117,30 +105,33 @@ class Config:
     reward_bias: float = 0.0
     """Constant added to the summed reward (cancels in the group advantages; shown in logs)."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    """The KL reference policy (loaded only when ``beta`` > 0)."""
-    algorithm: str = "grpo"
-    """Group baseline: ``grpo`` (group mean, optionally divided by the group std) or ``rloo``
-    (mean of the other responses); ``rlhfkit rloo`` sets ``rloo``."""
+    """The KL reference policy (loaded only when ``kl_coef`` > 0)."""
+    algorithm: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage: ``grpo`` (group mean, optionally divided by the group std), ``rloo`` (mean of
+    the other responses; ``rlhfkit rloo`` sets it) or ``reinforce_pp`` (REINFORCE++: returns with
+    a per-token KL reward, whitened over the batch)."""
     prompts_per_step: int = 8
     """Prompts per iteration (per process)."""
-    group_size: int = 4
-    """Responses sampled per prompt (G >= 2)."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt, G (>= 2 for grpo/rloo: the baseline needs other responses)."""
     ppo_epochs: int = 1
     """Passes over each iteration's responses (mu in the GRPO paper; 1 is fully on-policy)."""
     minibatches: int = 1
     """Optimizer steps per pass: the responses are shuffled and cut into this many minibatches."""
-    clip_epsilon: float = 0.2
+    clip_range: float = 0.2
     """Clip range of the probability ratio in the surrogate."""
-    beta: float = 0.04
-    """Coefficient of the per-token k3 KL to the reference (0 loads no reference)."""
+    kl_coef: float = 0.04
+    """Weight of the KL to the reference: the k3 loss term (grpo/rloo) or the per-token k1 reward
+    penalty (reinforce_pp). 0 loads no reference."""
     scale_rewards: bool = True
     """``grpo``: divide by the group's reward std (false: only subtract the mean, as in Dr. GRPO).
-    Not used by ``rloo``."""
-    loss_aggregation: str = "token"
+    Not used by ``rloo`` / ``reinforce_pp``."""
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = "token"
     """``token``: mean over all valid tokens of a minibatch (DAPO); ``sequence``: mean over each
-    response's tokens, then over responses (the GRPO paper)."""
+    response's tokens, then over responses (the GRPO paper); ``dr_grpo``: token sum / (responses x
+    the generation budget, the longest ``max_new_tokens``) (Dr. GRPO)."""
     eval_max_rows: Optional[int] = 64
-    """Held-out prompts for the greedy-response reward evaluation (None: all)."""
+    """Held-out prompts for the greedy-response evaluation (None: all)."""
 
     def validate(self) -> None:
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
@@ -148,14 +139,16 @@ class Config:
         _check_positive("prompts_per_step", self.prompts_per_step)
         _check_positive("ppo_epochs", self.ppo_epochs)
         _check_positive("minibatches", self.minibatches)
-        _check_positive("clip_epsilon", self.clip_epsilon)
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 (the baseline needs other responses), got {self.group_size}")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be >= 0, got {self.beta}")
-        n = self.prompts_per_step * self.group_size
+        _check_positive("clip_range", self.clip_range)
+        _check_positive("samples_per_prompt", self.samples_per_prompt)
+        if self.samples_per_prompt < 2 and self.algorithm != "reinforce_pp":
+            raise ConfigError(f"samples_per_prompt must be >= 2 for {self.algorithm} (the baseline needs other "
+                              f"responses), got {self.samples_per_prompt}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        n = self.prompts_per_step * self.samples_per_prompt
         if n % self.minibatches:
-            raise ConfigError(f"minibatches={self.minibatches} must divide prompts_per_step x group_size = {n}")
+            raise ConfigError(f"minibatches={self.minibatches} must divide prompts_per_step x samples_per_prompt = {n}")
         if self.train.grad_accum != 1:
             raise ConfigError("train.grad_accum must be 1 for grpo/rloo: a minibatch is one optimizer step, "
                               "accumulated over micro-batches of train.batch_size responses")
@@ -164,179 +157,35 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# The loss (pure tensors)
+# Advantages and the loss
 # --------------------------------------------------------------------------------------------
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[torch.Tensor],
-              advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2, beta: float = 0.0,
-              aggregation: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate plus ``beta`` x k3 KL to the reference, aggregated per ``aggregation``.
-
-    ``logps``, ``old_logps``, ``ref_logps``: (B, T) log-probs of the sampled tokens; ``advantages``:
-    (B,) one per response; ``mask``: (B, T) valid response tokens. The surrogate is
-    ``losses.ppo_policy`` (a token mean). For ``sequence`` aggregation each response's advantages
-    are scaled by n_tokens / (B |o_i|) first: the clipped term is positively homogeneous in A, so
-    the token mean of the scaled terms is exactly (1/B) sum_i 1/|o_i| sum_t l_it (and clipfrac is
-    unchanged).
-    """
-    mask = mask.bool()
-    adv = advantages.detach().to(logps.dtype)[:, None].expand_as(logps)  # (B, T)
-    if aggregation == "sequence":
-        lengths = mask.sum(dim=1, keepdim=True).clamp_min(1)  # (B, 1)
-        adv = adv * (mask.sum() / (lengths * mask.shape[0]))  # (B, T)
-    elif aggregation != "token":
-        raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
-    loss, metrics = ppo_policy(logps, old_logps, adv, mask, clip)
-    if beta > 0:
-        if ref_logps is None:
-            raise ValueError("beta > 0 needs ref_logps")
-        kl = kl_penalty(logps, ref_logps.detach(), "k3")  # (B, T)
-        kl_term = masked_mean(kl, mask) if aggregation == "token" else masked_mean(kl, mask, dim=1).mean()
-        loss = loss + beta * kl_term
-        metrics["kl"] = masked_mean(kl.detach(), mask).item()
-        metrics["loss/kl"] = float(beta * kl_term.detach())
-    return loss, metrics
+def advantages(ro: Rollout, cfg: Config) -> torch.Tensor:
+    """(B,) one advantage per response (grpo, rloo) or (B, T) per token (reinforce_pp)."""
+    if cfg.algorithm != "reinforce_pp":
+        return losses.group_advantages(ro.scores, cfg.samples_per_prompt, cfg.algorithm, cfg.scale_rewards)
+    mask = ro.mask  # (B, T)
+    token_rewards = torch.zeros(mask.shape)  # (B, T)
+    if cfg.kl_coef > 0:
+        token_rewards -= cfg.kl_coef * losses.kl_penalty(ro.old_logps, ro.ref_logps, "k1") * mask
+    last = (mask * torch.arange(mask.shape[1])).argmax(1)  # (B,) column of each response's last token
+    token_rewards[torch.arange(len(last)), last] += ro.scores
+    return losses.reinforce_pp_advantages(token_rewards, mask)
 
 
-def policy_loss(model, mb: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch for ``Engine.step``: a forward of the policy, then ``grpo_loss``.
-
-    ``mb`` holds the batch tensors, ``advantages`` (B,) and, when computed, ``ref_logps`` and
-    ``old_logps`` (B, T); without ``old_logps`` the live log-probs, detached, are the old ones
-    (ratio = 1: the iteration's only update)."""
+def policy_loss(model, mb: dict, cfg: Config, max_tokens: int) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch for ``Engine.step``: a forward of the policy, then
+    ``losses.clipped_policy``. Without ``old_logps`` in ``mb`` the live log-probs, detached, are the
+    old ones (ratio = 1: the iteration's only update)."""
     out = model(**{k: mb[k] for k in MODEL_KEYS if k in mb}, with_entropy=True)
-    entropy = out.pop("entropy").detach()  # (B, T); dropping the graph branch frees its memory
-    old = mb["old_logps"] if "old_logps" in mb else out["logps"].detach()
-    loss, metrics = grpo_loss(out["logps"], old, mb.get("ref_logps"), mb["advantages"], out["mask"],
-                              cfg.clip_epsilon, cfg.beta, cfg.loss_aggregation)
-    metrics["entropy"] = masked_mean(entropy, out["mask"]).item()
+    entropy = out.pop("entropy").detach()  # (b, T); dropping the graph branch frees its memory
+    old = mb["old_logps"] if "old_logps" in mb else out["logps"].detach()  # (b, T)
+    kl_in_loss = cfg.kl_coef if cfg.algorithm != "reinforce_pp" else 0.0
+    loss, metrics = losses.clipped_policy(out["logps"], old, mb["advantages"], out["mask"], cfg.clip_range,
+                                          cfg.loss_aggregation, max_tokens, mb.get("ref_logps"), kl_in_loss)
+    metrics["entropy"] = losses.masked_mean(entropy, out["mask"]).item()
     return loss, metrics
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts, rollouts, rewards, advantages
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptItem:
-    text: str
-    """The prompt as the policy sees it (chat template applied when used)."""
-    ids: list[int]
-    """Its token ids (left-truncated per ``data.overlong``)."""
-    row: dict
-    """The dataset row: its columns go to the reward functions."""
-
-
-@dataclass
-class Batch:
-    """One iteration's responses: G consecutive rows per prompt, with rewards and advantages."""
-
-    prompts: list[str]
-    completions: list[str]
-    tensors: dict
-    """The training layout of ``rollout.Experience.batch`` plus ``advantages`` (N,) and, when
-    computed, ``old_logps`` / ``ref_logps`` (N, T)."""
-    rewards: torch.Tensor
-    """(N,) summed reward."""
-    parts: dict[str, list[float]]
-    response_lengths: list[int]
-    truncated: list[bool]
-    times: dict[str, float] = field(default_factory=dict)
-    """Seconds spent: ``time/generate``, ``time/reward``."""
-
-
-def prepare_prompts(table, cfg: Config, tokenizer, seq2seq: bool, stats: DataStats) -> list[PromptItem]:
-    """Prompt texts, token ids and rows; prompts longer than there is room for follow ``data.overlong``."""
-    longest_response = max(cfg.generation.output_length_range or [cfg.generation.max_new_tokens])
-    room = cfg.model.max_length if seq2seq else cfg.model.max_length - longest_response
-    if room <= 0:
-        raise ConfigError(f"model.max_length={cfg.model.max_length} leaves no room for a prompt before "
-                          f"{longest_response} generated tokens")
-    items = []
-    for text, row in prompt_examples(table, cfg.data, tokenizer, stats):
-        fitted = fit_lengths(encode_prompt(tokenizer, text, seq2seq), [], cfg.data, room, stats, seq2seq)
-        if fitted is not None:
-            items.append(PromptItem(text, fitted[0], row))
-    if stats.truncated or stats.dropped_overlong:
-        logger.info(f"over-long prompts: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
-    return items
-
-
-def repeat_groups(items: list, group_size: int) -> list:
-    """``[a, b] -> [a]*G + [b]*G``: the copies of a prompt consecutive, as group_advantages expects."""
-    return [x for x in items for _ in range(group_size)]
-
-
-def row_columns(rows: list[dict]) -> dict[str, list]:
-    """Per-row lists of every column (None where a row lacks it), the reward functions' ``**columns``."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
-def sample_and_score(model, tokenizer, items: list[PromptItem], reward: Composite, cfg: Config,
-                     max_new_tokens: Optional[int] = None, gen: Optional[GenerationConfig] = None,
-                     group_size: Optional[int] = None) -> Batch:
-    """Steps 1-4: repeat prompts, sample, score, and attach the group advantages."""
-    G = cfg.group_size if group_size is None else group_size
-    rows = repeat_groups(items, G)
-    t0 = time.perf_counter()
-    exp = rollout(model, tokenizer, [it.text for it in rows], [it.ids for it in rows], gen or cfg.generation,
-                  max_new_tokens)
-    t1 = time.perf_counter()
-    total, parts = reward.score(exp.prompts, exp.completions, **row_columns([it.row for it in rows]))
-    times = {"time/generate": t1 - t0, "time/reward": time.perf_counter() - t1}
-    rewards = torch.tensor(total, dtype=torch.float32)  # (N,)
-    tensors = dict(exp.batch)
-    if G > 1:
-        tensors["advantages"] = group_advantages(rewards, G, cfg.algorithm, cfg.scale_rewards)  # (N,)
-    return Batch(exp.prompts, exp.completions, tensors, rewards, parts, exp.response_lengths, exp.truncated, times)
-
-
-def take_rows(tensors: dict, idx: torch.Tensor, seq2seq: bool) -> dict:
-    """Rows ``idx`` of a batch, without the columns that are padding in every one of them."""
-    out = {k: v[idx] for k, v in tensors.items()}
-    if seq2seq:
-        enc = _span(out["attention_mask"])
-        dec = _span(out["decoder_attention_mask"])
-        for k, v in out.items():
-            if v.dim() == 2:
-                out[k] = v[:, enc] if k in ("input_ids", "attention_mask") else v[:, dec]
-    else:
-        cols = _span(out["attention_mask"])
-        out = {k: (v[:, cols] if v.dim() == 2 else v) for k, v in out.items()}
-    return out
-
-
-def _span(mask: torch.Tensor) -> slice:
-    used = mask.bool().any(dim=0).nonzero().flatten()  # columns holding a real token in some row
-    return slice(int(used.min()), int(used.max()) + 1) if used.numel() else slice(0, mask.shape[1])
-
-
-@torch.no_grad()
-def no_grad_logps(fn: Callable[[dict], torch.Tensor], tensors: dict, chunk: int, device: torch.device) -> torch.Tensor:
-    """(N, T) log-probs from ``fn(batch)`` run ``chunk`` rows at a time (same layout as the batch)."""
-    N, T = tensors["labels"].shape
-    out = torch.zeros((N, T), dtype=torch.float32)
-    keys = [k for k in MODEL_KEYS if k in tensors]
-    for s in range(0, N, chunk):
-        part = {k: tensors[k][s: s + chunk].to(device) for k in keys}
-        out[s: s + chunk] = fn(part).float().cpu()
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation: mean reward of greedy responses to held-out prompts
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate(model, tokenizer, items: list[PromptItem], reward: Composite, cfg: Config) -> Optional[dict]:
-    if not items:
-        return None
-    greedy = dataclasses.replace(cfg.generation, do_sample=False)
-    b = sample_and_score(model, tokenizer, items, reward, cfg, cfg.generation.max_new_tokens, greedy, group_size=1)
-    return {"reward": float(b.rewards.mean()), "rewards": b.rewards.tolist(), "completions": b.completions}
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,102 +193,75 @@ def evaluate(model, tokenizer, items: list[PromptItem], reward: Composite, cfg: 
 # --------------------------------------------------------------------------------------------
 
 
-def make_reward(cfg: Config, reward_fn: Optional[Callable]) -> Composite:
-    if reward_fn is None:
-        if not cfg.rewards:
-            raise UserError(f"{cfg.algorithm} needs a reward: set 'rewards' in the config (e.g. "
-                            "[{kind: toxicity}]) or pass reward_fn= from Python")
-        return build_reward(cfg.rewards, cfg.reward_bias)
-    if isinstance(reward_fn, Composite):
-        return reward_fn
-    if cfg.rewards:
-        logger.info(f"reward_fn replaces the {len(cfg.rewards)} configured reward(s)")
-    name = getattr(reward_fn, "name", None) or getattr(reward_fn, "__name__", None) or type(reward_fn).__name__
-    name = "reward_fn" if name.startswith("<") else name
-    return Composite([(name, 1.0, validate_reward(reward_fn, name))], cfg.reward_bias)
-
-
-def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None) -> dict:
-    """Train with GRPO or RLOO; ``reward_fn(prompts, completions, **columns) -> list[float]``
-    replaces ``cfg.rewards`` when given. Returns the summary (also written to summary.json)."""
-    reward = make_reward(cfg, reward_fn)
+def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
+        prompts: Optional[Sequence[str]] = None, model=None, tokenizer=None) -> dict:
+    """Train with GRPO, RLOO or REINFORCE++. Python callers may pass ``reward_fn(prompts,
+    completions, **columns) -> list[float]`` (replaces ``cfg.rewards``), a list of ``prompts``
+    (replaces ``cfg.data``) and a loaded ``model`` + ``tokenizer`` (replace ``cfg.model``).
+    Returns the summary; the trained policy is in ``summary["policy"]``."""
+    reward = make_reward(cfg.rewards, cfg.reward_bias, reward_fn, cfg.algorithm)
     seed_everything(cfg.train.seed)  # fresh LoRA weights too: the run does not depend on what ran before
-    model, tok = load_policy(cfg.model, cfg.lora)
-    seq2seq = bool(model.config.is_encoder_decoder)
-    train_table, held_table = load_splits(cfg.data)
-    stats, held_stats = DataStats(), DataStats()
-    prompts = prepare_prompts(train_table, cfg, tok, seq2seq, stats)
-    held = prepare_prompts(held_table, cfg, tok, seq2seq, held_stats) if held_table else []
-    if cfg.eval_max_rows is not None:
-        held = held[: cfg.eval_max_rows]
-    logger.info(f"{cfg.algorithm}: {len(prompts)} training prompts x {cfg.group_size} responses, "
-                f"{len(held)} held-out prompts")
-
-    policy = PolicyModel(model)
-    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=cfg.beta > 0)
+    lm, tok = load_online_policy(cfg.model, cfg.lora, model, tokenizer)
+    items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval_max_rows)
+    G = cfg.samples_per_prompt
+    logger.info(f"{cfg.algorithm}: {len(items)} training prompts x {G} responses, {len(held)} held-out prompts")
+    policy = PolicyModel(lm)
+    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=cfg.kl_coef > 0,
+                                start_model=model)
     world, rank = process_info(cfg.train)
-    batcher = StepBatcher([len(p.ids) for p in prompts], cfg.prompts_per_step, 1, cfg.train.seed, False, world, rank)
+    batcher = StepBatcher([len(p.ids) for p in items], cfg.prompts_per_step, 1, cfg.train.seed,
+                          cfg.train.group_by_length, world, rank)
     updates = cfg.ppo_epochs * cfg.minibatches
     engine = Engine(cfg.train, cfg.algorithm, cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch),
                     resume=resume, updates_per_step=updates)
     engine.extra_summary["data"] = stats.as_dict()
-    device = engine.device
-
-    def run_eval() -> Optional[dict]:
-        result = evaluate(engine.unwrapped(), tok, held, reward, cfg)
-        if result is not None:
-            engine.log({"eval/reward": result["reward"]})
-        return result
-
-    start = engine.state.get("eval_start")
-    if start is None and held:
-        start = run_eval()
-        engine.state["eval_start"] = start
+    evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference if cfg.kl_coef > 0 else None,
+                             cfg.train.batch_size, cfg.train.eval_every)
+    gather = (lambda x: engine.accelerator.gather(x.to(engine.device)).cpu()) if engine.world_size > 1 else None
+    max_tokens = max(cfg.generation.output_length_range or [cfg.generation.max_new_tokens])
+    evaluation.start()
     while not engine.done:
         it = engine.step_count
-        # 1-4: prompts -> responses -> rewards -> advantages
-        t0 = time.perf_counter()
-        items = [prompts[i] for i in batcher.step(it)[0]]
-        max_new = sample_max_new_tokens(cfg.generation, random.Random(cfg.train.seed * 1_000_003 + it))
-        b = sample_and_score(engine.unwrapped(), tok, items, reward, cfg, max_new)
-        times = dict(b.times)
-        # 5: no-grad passes (reference; old policy when the iteration makes several updates)
-        t1 = time.perf_counter()
-        if cfg.beta > 0:
-            b.tensors["ref_logps"] = no_grad_logps(reference.logps, b.tensors, cfg.train.batch_size, device)
+        rng = random.Random(cfg.train.seed * 1_000_003 + it)  # this iteration's draws, from (seed, step)
+        # 1-2: prompts -> responses -> rewards -> no-grad passes
+        ro = make_experience(engine.unwrapped(), tok, [items[i] for i in batcher.step(it)[0]], reward,
+                             cfg.generation, samples_per_prompt=G,
+                             max_new_tokens=sample_max_new_tokens(cfg.generation, rng),
+                             reference=reference if cfg.kl_coef > 0 else None,
+                             old_logps=updates > 1 or cfg.algorithm == "reinforce_pp", chunk=cfg.train.batch_size)
+        # 3: advantages
+        tensors = {**ro.tensors, "advantages": advantages(ro, cfg)}
+        if ro.ref_logps is not None and cfg.algorithm != "reinforce_pp":
+            tensors["ref_logps"] = ro.ref_logps
         if updates > 1:
-            b.tensors["old_logps"] = no_grad_logps(lambda x: score(engine.unwrapped(), x).logps, b.tensors,
-                                                   cfg.train.batch_size, device)
-        times["time/reference"] = time.perf_counter() - t1
-        # 6: ppo_epochs x minibatches optimizer steps
-        t2 = time.perf_counter()
-        N = len(b.completions)
+            tensors["old_logps"] = ro.old_logps
+        # 4: ppo_epochs x minibatches optimizer steps
+        t0 = time.perf_counter()
         sums: dict[str, float] = {}
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(N, generator=gen)
-            for mb_idx in order.chunk(cfg.minibatches):
-                micro = [take_rows(b.tensors, idx, seq2seq) for idx in mb_idx.split(cfg.train.batch_size)]
+            for mb_idx in torch.randperm(len(ro.items), generator=gen).chunk(cfg.minibatches):
+                micro = [take_rows(tensors, idx, policy.is_seq2seq) for idx in mb_idx.split(cfg.train.batch_size)]
                 # the engine weighs micro-batch losses by these units: tokens or responses
                 weights = [float((m["labels"] != -100).sum()) if cfg.loss_aggregation == "token"
                            else float(len(m["labels"])) for m in micro]
-                update = engine.step(functools.partial(policy_loss, cfg=cfg), micro, weights)
+                update = engine.step(functools.partial(policy_loss, cfg=cfg, max_tokens=max_tokens), micro, weights)
                 for k, v in update.items():
                     sums[k] = sums.get(k, 0.0) + v
-        times["time/update"] = time.perf_counter() - t2
         metrics = {k: v / updates for k, v in sums.items()}
         metrics["lr"] = update["lr"]  # of the iteration's last update
-        metrics.update(reward_metrics(b, cfg.group_size, engine))
-        metrics.update(times)
-        engine.end_step(metrics, extra_seconds=t2 - t0)
-        if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
-            run_eval()
-    end = run_eval()
-    extra = {"eval_reward_start": start["reward"] if start else None, "eval_reward_end": end["reward"] if end else None}
-    if start and end:
-        logger.info(f"{cfg.algorithm}: held-out greedy reward {start['reward']:.4f} -> {end['reward']:.4f}")
-        if engine.is_main:
-            write_samples(engine.out / "samples.jsonl", held, start, end)
+        metrics.update(ro.metrics(gather))
+        if G > 1:
+            scores = gather(ro.scores[:, None])[:, 0] if gather else ro.scores
+            groups = scores.reshape(-1, G)  # (prompts, G)
+            metrics["advantage/zero_std_groups"] = float((groups.max(1).values == groups.min(1).values).float().mean())
+        if cfg.algorithm == "reinforce_pp" and ro.ref_logps is not None:
+            metrics["kl"] = float(losses.masked_mean(ro.old_logps - ro.ref_logps, ro.mask))
+        metrics.update({"time/generate": ro.times["time/generate"], "time/reward": ro.times["time/reward"],
+                        "time/reference": ro.times["time/no_grad"], "time/update": time.perf_counter() - t0})
+        engine.end_step(metrics, extra_seconds=sum(ro.times.values()))
+        evaluation.after_step()
+    extra = evaluation.end(cfg.algorithm)
 
     def save(out):
         save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
@@ -449,33 +271,4 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
     return summary
 
 
-def reward_metrics(b: Batch, group_size: int, engine: Engine) -> dict[str, float]:
-    """Reward and response statistics over the responses of every process."""
-    names = list(b.parts)
-    cols = [b.rewards] + [torch.tensor(b.parts[n], dtype=torch.float32) for n in names]
-    cols += [torch.tensor(b.response_lengths, dtype=torch.float32), torch.tensor(b.truncated, dtype=torch.float32)]
-    table = torch.stack(cols, dim=1)  # (N, 3 + parts)
-    if engine.world_size > 1:
-        table = engine.accelerator.gather(table.to(engine.device)).cpu()
-    r = table[:, 0]
-    groups = r.reshape(-1, group_size)  # (n_prompts, G)
-    out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if len(r) > 1 else 0.0}
-    for j, n in enumerate(names):
-        out[f"reward/{n}"] = float(table[:, 1 + j].mean())
-    out["advantage/zero_std_groups"] = float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean())
-    out["response_length/mean"] = float(table[:, -2].mean())
-    out["response_length/truncated"] = float(table[:, -1].mean())
-    return out
-
-
-def write_samples(path, held: list[PromptItem], start: dict, end: dict) -> None:
-    """Held-out greedy responses before and after training, in the run viewer's samples format."""
-    lines = []
-    for item, c0, c1, r0, r1 in zip(held, start["completions"], end["completions"], start["rewards"], end["rewards"]):
-        lines.append(json.dumps({"prompt": item.text, "completions": {"before": c0, "after": c1},
-                                 "rewards": {"before": r0, "after": r1}, "gain": r1 - r0}))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-__all__ = ["Config", "run", "grpo_loss", "policy_loss", "sample_and_score", "repeat_groups", "prepare_prompts",
-           "take_rows"]
+__all__ = ["Config", "run", "advantages", "policy_loss"]

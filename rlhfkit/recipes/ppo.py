@@ -9,9 +9,10 @@ One iteration (one logged step):
 2. score: the task reward r(x, y) from the reward layer (a composite of reward functions, or a
    Python ``reward_fn``), optionally running-normalised and clipped, minus
    ``truncation_penalty`` for responses cut at the length limit;
-3. no-grad passes: log-probs and values of the sampling policy, log-probs of the reference;
-4. per-token reward: r_t = -beta * KL_t(pi || ref) on every response token, plus the task
-   reward on the last one (beta fixed, or adapted towards ``kl_target`` by Ziegler's
+3. no-grad passes: log-probs and values of the sampling policy, log-probs of the reference
+   (steps 1-3 are ``rollout.make_experience``, the experience core PPO shares with GRPO/RLOO);
+4. per-token reward: r_t = -kl_coef * KL_t(pi || ref) on every response token, plus the task
+   reward on the last one (kl_coef fixed, or adapted towards ``kl_target`` by Ziegler's
    controller). With ``reward_segments`` ``word`` or ``sentence`` the task reward is spread over
    the response instead, as in fine-grained RLHF (Wu et al. 2023, "Fine-Grained Human Feedback
    Gives Better Rewards for Language Model Training"): the reward function scores every prefix
@@ -20,7 +21,11 @@ One iteration (one logged step):
 5. advantages by GAE (gamma, lambda), whitened over the batch; returns = A + V;
 6. ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate plus
    ``vf_coef`` x the clipped value loss; an epoch stops early when its approx_kl passes
-   ``target_kl``.
+   ``early_stop_kl``. Shuffles and the sampled output length come from a generator seeded with
+   (seed, iteration), so a resumed run draws what the uninterrupted run drew.
+
+Held-out evaluation (greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl``) runs before
+training, every ``train.eval_every`` iterations and at the end (``recipes/_online.py``).
 
 The value head sits on the policy's backbone (``value_model`` unset) or on a separate critic
 model. The reference is the LoRA base with the adapter disabled (no second copy), a frozen copy,
@@ -38,7 +43,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,15 +51,19 @@ from torch import nn
 from rlhfkit import losses
 from rlhfkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig,
                             TrainConfig, UserError)
-from rlhfkit.data import StepBatcher, Table, encode_prompt, load_splits, user_prompt, wrap_prompt
-from rlhfkit.engine import Engine, process_info
-from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, load_policy, save_pretrained, unwrap
-from rlhfkit.rollout import generate, rollout, sample_max_new_tokens
+from rlhfkit.data import StepBatcher
+from rlhfkit.engine import Engine, process_info, total_steps_for
+from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, save_pretrained
+from rlhfkit.recipes._online import HeldOutEval, online_prompts
+from rlhfkit.rollout import (MODEL_KEYS, load_online_policy, make_experience, make_reward, reward_columns,
+                             sample_max_new_tokens, take_rows)
 from rlhfkit.utils import logger, seed_everything
 
 
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"cliprange": "clip_range", "cliprange_value": "value_clip_range",
+                                         "target_kl": "early_stop_kl", "eval_prompts": "eval_max_rows"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -81,9 +90,9 @@ class Config:
     advantages still come from GAE with the value head, not from group statistics."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    cliprange: float = 0.2
+    clip_range: float = 0.2
     """Clip epsilon of the policy ratio."""
-    cliprange_value: float = 0.2
+    value_clip_range: float = 0.2
     """Clip range of the value prediction around the old value."""
     vf_coef: float = 0.1
     """Weight of the value loss (in the gradient of the shared backbone; it does not slow the value
@@ -98,7 +107,7 @@ class Config:
     """Whiten advantages over the batch's response tokens."""
     kl_coef: float = 0.05
     """Initial (or fixed) coefficient beta of the per-token KL penalty."""
-    kl_estimator: str = "k1"
+    kl_estimator: Literal["k1", "abs", "mse", "k3"] = "k1"
     """Per-token KL estimate: ``k1`` (log ratio), ``abs``, ``mse`` or ``k3``."""
     adaptive_kl: bool = False
     """Adapt beta towards ``kl_target`` (Ziegler et al. 2019)."""
@@ -106,7 +115,7 @@ class Config:
     """Target KL (nats per response) of the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon (in episodes) of the adaptive controller."""
-    target_kl: Optional[float] = None
+    early_stop_kl: Optional[float] = None
     """Stop the PPO epochs of an iteration early once a minibatch's approx_kl exceeds this."""
     normalize_reward: bool = False
     """Divide scores by the running std (and subtract the running mean) of all scores so far."""
@@ -114,7 +123,7 @@ class Config:
     """Clip (normalised) scores to [-c, c]."""
     truncation_penalty: Optional[float] = None
     """Subtract this from the score of responses cut at the length limit (no EOS)."""
-    reward_segments: str = "sequence"
+    reward_segments: Literal["sequence", "word", "sentence"] = "sequence"
     """Where the task reward enters: ``sequence`` (all of it on the last token), or ``word`` /
     ``sentence``: each segment's last token gets score(response up to it) - score(response up to
     the previous segment), from the empty response on (fine-grained RLHF; a response's rewards sum
@@ -124,8 +133,9 @@ class Config:
     response's score."""
     value_model: Optional[str] = None
     """Separate critic (model name or path) with its own value head; unset: a value head on the policy."""
-    eval_prompts: int = 32
-    """Held-out prompts scored with greedy decoding at the start and the end."""
+    eval_max_rows: Optional[int] = 32
+    """Held-out prompts scored with greedy decoding at the start, every ``train.eval_every``
+    iterations and at the end (None: all)."""
 
     def validate(self) -> None:
         for key in ("rollout_batch_size", "ppo_epochs", "samples_per_prompt"):
@@ -147,6 +157,8 @@ class Config:
             raise UserError(f"kl_estimator must be one of k1, abs, mse, k3, got '{self.kl_estimator}'")
         if not self.rewards:
             raise UserError("rewards is empty: give at least one reward function")
+        if self.eval_max_rows is not None and self.eval_max_rows < 0:
+            raise UserError(f"eval_max_rows must be >= 0, got {self.eval_max_rows}")
 
 
 class ActorCritic(nn.Module):
@@ -184,42 +196,6 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.s["m2"] / max(self.s["count"] - 1, 1)) if self.s["count"] > 1 else 1.0
-
-
-def response_slice(batch: dict, is_seq2seq: bool) -> slice:
-    """Columns of the (B, T) tensors that hold the responses (right-padded)."""
-    if is_seq2seq:
-        return slice(0, None)
-    valid = batch["labels"] != -100  # (B, T)
-    first = int(valid.float().argmax(dim=1).min())
-    return slice(first, None)
-
-
-def left_trim(batch: dict, rows: torch.Tensor, is_seq2seq: bool) -> tuple[dict, int]:
-    """Rows ``rows`` of a collated batch without the leading columns that are left padding in all
-    of them, and the number of columns dropped. Causal only (seq2seq batches are returned whole):
-    positions count from each row's first real token, so the outputs are those of the full batch."""
-    sub = {k: v[rows] for k, v in batch.items()}
-    if is_seq2seq:
-        return sub, 0
-    lo = int(sub["attention_mask"].float().argmax(dim=1).min())  # first column any row uses
-    return {k: v[:, lo:] for k, v in sub.items()}, lo
-
-
-def forward_by_length(fn: Callable[[dict], dict], batch: dict, size: int, is_seq2seq: bool) -> dict:
-    """Apply ``fn`` (a sub-batch -> dict of (b, T') tensors) to chunks of ``size`` rows taken in
-    order of length, each without its common left padding, and reassemble (B, T) tensors: the
-    no-grad passes then spend little compute on padding."""
-    B, T = batch["labels"].shape
-    order = batch["attention_mask"].sum(1).argsort()  # (B,) shortest first
-    out: dict[str, torch.Tensor] = {}
-    for rows in order.split(size):
-        sub, lo = left_trim(batch, rows, is_seq2seq)
-        for k, v in fn(sub).items():
-            if k not in out:
-                out[k] = v.new_zeros((B, T))
-            out[k][rows, lo:] = v
-    return out
 
 
 def segment_ends(prefixes: list[str], unit: str) -> list[int]:
@@ -278,30 +254,17 @@ def segment_rewards(labels: torch.Tensor, scores: torch.Tensor, tokenizer, unit:
     return dense, sum(len(e) for e in ends)
 
 
-def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None, prompts: Optional[list[str]] = None,
-        model: Optional[nn.Module] = None, tokenizer=None) -> dict:
+def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
+        prompts: Optional[Sequence[str]] = None, model: Optional[nn.Module] = None, tokenizer=None) -> dict:
     """Train with PPO. Python callers may pass a ``reward_fn(prompts, completions, **columns)``
     (replaces ``cfg.rewards``), a list of ``prompts`` (replaces ``cfg.data``) and a loaded
     ``model`` + ``tokenizer`` (replace ``cfg.model``). Returns the summary; the trained policy is
     in ``summary["policy"]`` when called from Python."""
-    from rlhfkit.rewards import Composite, build_reward, validate_reward
+    reward = make_reward(cfg.rewards, cfg.reward_bias, reward_fn, "ppo")
     seed_everything(cfg.train.seed)  # LoRA / value-head initialisation happens before the Engine seeds
 
-    # ---- models -------------------------------------------------------------------------------
-    if model is None:
-        lm, tok = load_policy(cfg.model, cfg.lora)
-    else:
-        from rlhfkit.models import apply_lora
-
-        lm, tok = model, tokenizer
-        if tok is None:
-            raise UserError("pass tokenizer= with a model object")
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        if cfg.lora.enabled and not hasattr(lm, "peft_config"):
-            lm = apply_lora(lm, cfg.lora)
-    seq2seq = bool(unwrap(lm).config.is_encoder_decoder)
-    disable_dropout(lm)
+    # ---- models and prompts ----------------------------------------------------------------------
+    lm, tok = load_online_policy(cfg.model, cfg.lora, model, tokenizer)
     policy = PolicyModel(lm, value_head=cfg.value_model is None)
     critic = None
     if cfg.value_model:
@@ -310,162 +273,117 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         critic_lm = load_model(dataclasses.replace(cfg.model, name_or_path=cfg.value_model),
                                next(lm.parameters()).device)
         critic = PolicyModel(disable_dropout(critic_lm), value_head=True)
-    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=True)
+    reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=True,
+                                start_model=model)
+    items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval_max_rows)
+    seq2seq = policy.is_seq2seq
 
-    # ---- data -----------------------------------------------------------------------------------
-    if prompts is not None:
-        table, held = Table([{"prompt": p} for p in prompts], "<prompts>"), None
-        data_cfg = DataConfig(chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
-    else:
-        table, held = load_splits(cfg.data)
-        data_cfg = cfg.data
-    # (user prompt before any chat template -> reward functions; wrapped prompt -> the policy; row)
-    rows = [(user_prompt(table, i, data_cfg), table.rows[i]) for i in range(len(table.rows))]
-    held_rows = [(user_prompt(held, i, data_cfg), held.rows[i]) for i in range(len(held.rows))][: cfg.eval_prompts] \
-        if held else []
-    wrapped = [wrap_prompt(p, data_cfg, tok) for p, _ in rows]
-    prompt_ids = [encode_prompt(tok, p, seq2seq)[-data_cfg.max_prompt_length:] for p in wrapped]
-
-    # ---- rewards --------------------------------------------------------------------------------
-    if reward_fn is not None:
-        scorer = Composite([("reward", 1.0, validate_reward(reward_fn))], bias=0.0)
-    else:
-        scorer = build_reward(cfg.rewards, bias=cfg.reward_bias)
-
-    def score(completions: list[str], idx: list[int], src_rows) -> tuple[list, dict]:
-        """Composite reward of the completions of rows ``idx``; the rows' columns are passed on."""
-        columns = {k: [src_rows[i][1].get(k) for i in idx] for k in src_rows[idx[0]][1] if k != "prompt"}
-        return scorer.score([src_rows[i][0] for i in idx], completions, **columns)
-
-    # ---- engine ---------------------------------------------------------------------------------
+    # ---- engine -----------------------------------------------------------------------------------
     world, rank = process_info(cfg.train)
-    batcher = StepBatcher([len(p) for p in prompt_ids], cfg.rollout_batch_size // cfg.samples_per_prompt, 1,
-                          cfg.train.seed,
-                          group_by_length=False, world_size=world, rank=rank)
+    batcher = StepBatcher([len(p.ids) for p in items], cfg.rollout_batch_size // cfg.samples_per_prompt, 1,
+                          cfg.train.seed, cfg.train.group_by_length, world, rank)
     n_mb = cfg.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum)
     state: dict = {"kl_coef": cfg.kl_coef, "moments": {}}
-    engine = Engine(cfg.train, "ppo", cfg, ActorCritic(policy, critic), cfg.train.max_steps, resume=resume,
-                    state=state, updates_per_step=cfg.ppo_epochs * n_mb,
+    engine = Engine(cfg.train, "ppo", cfg, ActorCritic(policy, critic),
+                    total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume, state=state,
+                    updates_per_step=cfg.ppo_epochs * n_mb,
                     lr_groups={"policy.value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None)
+    engine.extra_summary["data"] = stats.as_dict()
     kl_ctl = (losses.AdaptiveKLController(state["kl_coef"], cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else losses.FixedKLController(state["kl_coef"]))
     moments = RunningMoments(state["moments"])
-    rng = random.Random(cfg.train.seed + engine.step_count)
-    logger.info(f"ppo: {len(rows)} prompts, {len(held_rows)} held-out; reference: {reference.kind}; "
+    logger.info(f"ppo: {len(items)} prompts, {len(held)} held-out; reference: {reference.kind}; "
                 f"value: {'separate critic ' + cfg.value_model if critic else 'head on the policy'}")
-
-    def evaluate(tag: str) -> Optional[float]:
-        if not held_rows:
-            return None
-        greedy = GenerationConfig(**{**cfg.generation.__dict__, "do_sample": False, "output_length_range": None})
-        prompts_w = [wrap_prompt(p, data_cfg, tok) for p, _ in held_rows]
-        texts = generate(engine.unwrapped().policy, tok, prompts_w, greedy, seed=cfg.train.seed)
-        total, _ = score(texts, list(range(len(held_rows))), held_rows)
-        mean = sum(total) / len(total)
-        engine.log({f"eval/reward_{tag}": mean})
-        return mean
-
-    if "eval_reward_start" not in state:
-        state["eval_reward_start"] = evaluate("start")
+    evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference, cfg.train.batch_size,
+                             cfg.train.eval_every)
+    evaluation.start()
 
     ac: ActorCritic = engine.unwrapped()
     while not engine.done:
+        rng = random.Random(cfg.train.seed * 1_000_003 + engine.step_count)  # this iteration's draws
+        # ---- experience: responses, scores, no-grad passes ------------------------------------------
+        ro = make_experience(ac.policy, tok, [items[i] for i in batcher.step(engine.step_count)[0]], reward,
+                             cfg.generation, samples_per_prompt=cfg.samples_per_prompt,
+                             max_new_tokens=sample_max_new_tokens(cfg.generation, rng), reference=reference,
+                             critic=ac.critic, chunk=cfg.train.batch_size)
         t0 = time.perf_counter()
-        idx = [i for i in batcher.step(engine.step_count)[0] for _ in range(cfg.samples_per_prompt)]
-        exp = rollout(ac.policy, tok, [wrapped[i] for i in idx], [prompt_ids[i] for i in idx], cfg.generation,
-                      sample_max_new_tokens(cfg.generation, rng))
-        t_gen = time.perf_counter()
-        total, parts = score(exp.completions, idx, rows)
-        scores = torch.tensor(total, dtype=torch.float32)  # (B,)
-        raw_scores = scores.clone()
-        cols = response_slice(exp.batch, seq2seq)
-        dense, n_segments = segment_rewards(exp.batch["labels"][:, cols], raw_scores, tok, cfg.reward_segments,
-                                            lambda texts, rows_b: score(texts, [idx[b] for b in rows_b], rows)[0])
+        cols = slice(ro.response_start, None)  # the response columns: (B, T) -> (B, R), right-padded
+        raw_scores = ro.scores  # (B,)
+
+        def score_prefixes(texts: list[str], rows_b: list[int]) -> list[float]:
+            rows = [ro.items[b] for b in rows_b]
+            return reward.score([r.prompt for r in rows], texts, **reward_columns([r.row for r in rows]))[0]
+
+        dense, n_segments = segment_rewards(ro.tensors["labels"][:, cols], raw_scores, tok, cfg.reward_segments,
+                                            score_prefixes)
+        scores = raw_scores
         if cfg.normalize_reward:
             moments.update(scores)
             scores = (scores - state["moments"]["mean"]) / moments.std
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         if cfg.truncation_penalty is not None:
-            scores = scores - cfg.truncation_penalty * torch.tensor(exp.truncated, dtype=torch.float32)
-        t_score = time.perf_counter()
+            scores = scores - cfg.truncation_penalty * ro.truncated.float()
 
-        # ---- no-grad passes: old log-probs and values, reference log-probs ------------------------
-        batch = exp.batch
-        with torch.no_grad():
-            ac.eval()
-            old = forward_by_length(lambda b: ac(**{k: v.to(engine.device) for k, v in b.items()}, with_entropy=True),
-                                    batch, cfg.train.batch_size, seq2seq)
-            ac.train()
-            ref_logps = forward_by_length(lambda b: {"ref": reference.logps({k: v.to(engine.device) for k, v in b.items()})},
-                                          batch, cfg.train.batch_size, seq2seq)["ref"]
-        mask = old["mask"][:, cols].float()  # (B, R)
-        old_logps = old["logps"][:, cols]  # (B, R)
-        old_values = old["values"][:, cols] * mask  # (B, R)
-        ref_lp = ref_logps[:, cols]  # (B, R)
-        kl_tok = losses.kl_penalty(old_logps, ref_lp, cfg.kl_estimator) * mask  # (B, R)
+        # ---- per-token rewards, GAE -----------------------------------------------------------------
+        mask = ro.mask[:, cols].float()  # (B, R)
+        old_values = ro.values[:, cols] * mask  # (B, R)
+        kl_tok = losses.kl_penalty(ro.old_logps[:, cols], ro.ref_logps[:, cols], cfg.kl_estimator) * mask  # (B, R)
         last = mask.sum(1).long() - 1  # (B,) index of each response's last token
         # the raw task reward per token (all on the last token, or spread over segments), rescaled
         # like the score, plus on the last token what normalisation / clipping / penalty changed
         scale = 1.0 / moments.std if cfg.normalize_reward else 1.0
-        task_tok = dense.to(mask.device) * scale  # (B, R)
-        task_tok[torch.arange(len(last)), last] += (scores - raw_scores * scale).to(mask.device)
+        task_tok = dense * scale  # (B, R)
+        task_tok[torch.arange(len(last)), last] += scores - raw_scores * scale
         rewards_tok = -kl_ctl.value * kl_tok + task_tok  # (B, R)
-        advantages, returns = losses.gae(rewards_tok, old_values, mask, cfg.gamma, cfg.lam)  # (B, R)
+        adv, returns = losses.gae(rewards_tok, old_values, mask, cfg.gamma, cfg.lam)  # (B, R)
         if cfg.whiten_advantages:
-            advantages = losses.whiten(advantages, mask) * mask
-        t_ref = time.perf_counter()
+            adv = losses.whiten(adv, mask) * mask
+        B, T = ro.mask.shape
+        tensors = {**ro.tensors, "old_logps": ro.old_logps, "resp_mask": ro.mask.float()}
+        for name, x in (("old_values", old_values), ("advantages", adv), ("returns", returns)):
+            tensors[name] = torch.zeros((B, T)).index_copy(1, torch.arange(T)[cols], x)  # (B, T)
+        t_adv = time.perf_counter()
 
-        # ---- PPO epochs over shuffled minibatches -------------------------------------------------
-        B = len(idx)
+        # ---- PPO epochs over shuffled minibatches -----------------------------------------------------
         mb_rows = cfg.train.batch_size * cfg.train.grad_accum
         update_metrics: list[dict] = []
         stopped_early = False
         for _epoch in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
             for s in range(0, B, mb_rows):
-                rows_mb = perm[s: s + mb_rows]
-                micro = []
-                for m in rows_mb.split(cfg.train.batch_size):
-                    sub, lo = left_trim(batch, m, seq2seq)
-                    micro.append({**sub, "cols": slice(cols.start - lo, None), "old_logps": old_logps[m],
-                                  "old_values": old_values[m], "advantages": advantages[m], "returns": returns[m],
-                                  "resp_mask": mask[m]})
+                micro = [take_rows(tensors, m, seq2seq) for m in perm[s: s + mb_rows].split(cfg.train.batch_size)]
                 weights = [float(mb["resp_mask"].sum()) for mb in micro]
                 m = engine.step(lambda model, mb: ppo_loss(model, mb, cfg), micro, weights)
                 update_metrics.append(m)
-                if cfg.target_kl is not None and m["approx_kl"] > cfg.target_kl:
+                if cfg.early_stop_kl is not None and m["approx_kl"] > cfg.early_stop_kl:
                     stopped_early = True
                     break
             if stopped_early:
                 break
         t_upd = time.perf_counter()
 
-        # ---- KL controller, metrics ---------------------------------------------------------------
+        # ---- KL controller, metrics -------------------------------------------------------------------
         kl_seq = float((kl_tok.sum(1)).mean())  # nats per response
         kl_ctl.update(kl_seq, B * world)
         state["kl_coef"] = kl_ctl.value
         metrics = {k: sum(u[k] for u in update_metrics) / len(update_metrics) for k in update_metrics[0]}
-        entropy = float((old["entropy"][:, cols] * mask).sum() / mask.sum())
+        metrics.update(ro.metrics())
         metrics.update({
-            "reward/mean": float(raw_scores.mean()), "reward/std": float(raw_scores.std()) if B > 1 else 0.0,
             "reward/score_used": float(scores.mean()),
-            **({f"reward/{n}": sum(v) / len(v) for n, v in parts.items()} if len(parts) > 1 else {}),
-            "kl": kl_seq, "kl_coef": kl_ctl.value, "entropy": entropy,
-            "response_length/mean": sum(exp.response_lengths) / B,
+            "kl": kl_seq, "kl_coef": kl_ctl.value, "entropy": float(losses.masked_mean(ro.entropy, ro.mask)),
             **({"reward/segments_per_response": n_segments / B} if cfg.reward_segments != "sequence" else {}),
-            "truncated_fraction": sum(exp.truncated) / B,
+            "truncated_fraction": float(ro.truncated.float().mean()),
             "explained_variance": explained_variance(old_values, returns, mask),
             "ppo/updates": len(update_metrics), "ppo/stopped_early": float(stopped_early),
-            "time/generate": t_gen - t0, "time/reward": t_score - t_gen, "time/reference_value": t_ref - t_score,
-            "time/update": t_upd - t_ref,
+            "time/generate": ro.times["time/generate"], "time/reward": ro.times["time/reward"] + t_adv - t0,
+            "time/reference_value": ro.times["time/no_grad"], "time/update": t_upd - t_adv,
         })
         # engine.step timed the updates; add generation, scoring and the no-grad passes
-        engine.end_step(metrics, extra_seconds=t_ref - t0)
+        engine.end_step(metrics, extra_seconds=sum(ro.times.values()) + t_adv - t0)
+        evaluation.after_step()
 
-    state["eval_reward_end"] = evaluate("end")
-    extra = {"eval_reward_start": state.get("eval_reward_start"), "eval_reward_end": state["eval_reward_end"],
-             "reference": reference.kind, "kl_coef_final": kl_ctl.value}
+    extra = {**evaluation.end("ppo"), "reference": reference.kind, "kl_coef_final": kl_ctl.value}
 
     def save(out):
         save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save)
@@ -476,15 +394,12 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
 
 
 def ppo_loss(model: nn.Module, mb: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate + vf_coef x clipped value loss on one micro-batch (``mb["cols"]``: its
-    response columns)."""
-    out = model(**{k: mb[k] for k in ("input_ids", "attention_mask", "labels", "decoder_attention_mask") if k in mb})
-    cols = mb["cols"]
-    mask = mb["resp_mask"]  # (b, R)
-    logps = out["logps"][:, cols]  # (b, R)
-    values = out["values"][:, cols]  # (b, R)
-    pg, pg_m = losses.ppo_policy(logps, mb["old_logps"], mb["advantages"], mask, cfg.cliprange)
-    vf, vf_m = losses.ppo_value(values, mb["old_values"], mb["returns"], mask, cfg.cliprange_value)
+    """Clipped surrogate + vf_coef x clipped value loss on one micro-batch; every tensor (b, T) in
+    the batch's layout, ``resp_mask`` marking the response tokens."""
+    out = model(**{k: mb[k] for k in MODEL_KEYS if k in mb})
+    mask = mb["resp_mask"]  # (b, T)
+    pg, pg_m = losses.ppo_policy(out["logps"], mb["old_logps"], mb["advantages"], mask, cfg.clip_range)
+    vf, vf_m = losses.ppo_value(out["values"], mb["old_values"], mb["returns"], mask, cfg.value_clip_range)
     loss = pg + cfg.vf_coef * vf
     return loss, {"loss/policy": float(pg.detach()), "loss/value": float(vf.detach()), "clipfrac": pg_m["clipfrac"],
                   "approx_kl": pg_m["approx_kl"], "value_clipfrac": vf_m["value_clipfrac"]}
