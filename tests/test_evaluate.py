@@ -166,7 +166,7 @@ def test_files_samples_report_plots(file_eval):
     assert [line.split(" | ")[0] for line in table] == ["| 2", "| 1", "| 3", "| 4"]
     assert [float(line.rstrip(" |").split(" | ")[-1]) for line in table] == [5, 2, 0, -40]
     assert ROWS[1]["before"] in table[0] and ROWS[1]["after"] in table[0]
-    for png in ("reward_hist.png", "toxicity_hist.png", "models.png"):
+    for png in ("reward_hist.png", "toxicity_cdf.png", "models.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_SIGNATURE)
         assert imread(out / png).shape[0] > 100
@@ -234,7 +234,7 @@ def test_generation_and_sampled_kl(tiny_llama, lora_adapter, tmp_path):
     m = evaluate.run(cfg)
     assert m["kl"]["before"] == 0.0 and abs(m["kl"]["same"]) < 1e-6
     assert m["kl"]["lora"] > 0 and m["kl"]["other"] > 0
-    assert m["judge"] == "toxicity" and m["kl_reference"] == "before"
+    assert m["judge"] == "profanity_check" and m["kl_reference"] == "before"  # the first (default) judge
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
@@ -275,7 +275,7 @@ def test_cli_bad_config_and_bad_reward_exit_2(tmp_path):
     res = _run_cli(bad, tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
-        "error: judge 'charz' is not a configured score; choose one of ['total', 'chars', 'length', 'toxicity']")
+        "error: judge 'charz' is not a configured score; choose one of ['total', 'chars', 'length', 'profanity_check']")
     wrong = file_config(data, tmp_path / "o", rewards=[{"kind": "python", "function": "reward_fns_example:wrong_count"}])
     wrong.pop("judge")
     res = _run_cli(write_config(tmp_path / "wrong.yaml", wrong), tmp_path)
@@ -411,7 +411,7 @@ def test_samples_per_prompt_scores_every_sample(tiny_llama, tmp_path):
     p = predict_prob(expected)
     assert m["toxicity"]["before"]["mean"] == pytest.approx(float(np.mean(p)), abs=1e-9)  # over all 9, not per prompt
     assert m["toxicity"]["before"]["std"] == pytest.approx(float(np.std(p)), abs=1e-9)
-    assert "3 prompts x 3 samples" in (tmp_path / "out" / "report.md").read_text()
+    assert "3 prompts x 3 answers" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.unit
