@@ -103,7 +103,7 @@ def test_eval_stage_writes_summary_and_is_skipped_on_rerun(tiny_llama, tmp_path,
     tox = [float(p) for p in predict_prob([r["ref"] for r in rows])]
     assert summary["command"] == "eval" and summary["prompts"] == 3 and summary["models"] == ["file", "tiny"]
     assert summary["toxicity_mean"]["file"] == pytest.approx(sum(tox) / 3)
-    assert summary["judge"] == "toxicity" and summary["judge_mean"]["file"] == pytest.approx(1 - sum(tox) / 3)
+    assert summary["judge"] == "profanity_check" and summary["judge_mean"]["file"] == pytest.approx(1 - sum(tox) / 3)
     assert first["ev"]["toxicity"]["file"]["mean"] == pytest.approx(sum(tox) / 3)  # run() still returns metrics
     mtime = (out / "metrics.json").stat().st_mtime_ns
 

@@ -50,7 +50,7 @@ from rlhfkit.config import save_config
 from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
                           wrap_prompt)
 from rlhfkit.models import PolicyModel, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
-from rlhfkit.rewards import JudgeConfig, build_judge, build_reward, judge_names
+from rlhfkit.rewards import EvalJudgeConfig, build_judge, build_reward, judge_names
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
 
 
@@ -110,7 +110,7 @@ class Config:
     per (prompt, sample) and win rates compare the models' k-th samples of a prompt."""
     rewards: list[RewardConfig] = field(default_factory=list)
     """Reward functions to report (mean per model, each on its own and their weighted sum ``total``)."""
-    judges: list[JudgeConfig] = field(default_factory=lambda: [JudgeConfig()])
+    judges: list[EvalJudgeConfig] = field(default_factory=lambda: [EvalJudgeConfig()])
     """Named toxicity judges, each scored on every answer: ``[{kind: profanity_check, trained_against:
     true}, {kind: hatesonar}, {kind: wordlist}, {kind: classifier, model: ..., label: toxic},
     {kind: reward_model, model: runs/rm}]``. Per judge and model: mean, std, share above its
@@ -299,7 +299,9 @@ def expand_checkpoints(models: list[EvalModelConfig]) -> tuple[list[EvalModelCon
     entries, checkpoint_of = [], {}
     for e in models:
         if e.checkpoints:
-            found = checkpoint_dirs(e.adapter_path)
+            summary = Path(e.adapter_path) / "summary.json"
+            final = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+            found = [(step, d) for step, d in checkpoint_dirs(e.adapter_path) if step != final]  # final: the model
             if not found:
                 raise UserError(f"models '{e.name}': {e.adapter_path}/checkpoints holds no checkpoint "
                                 "(set train.checkpoint_every and train.keep_checkpoints in the training run)")
@@ -335,7 +337,7 @@ def relevance_uncopied(completions: list[str], prompts: list[str], sources: list
     """Cosine relevance to the source of what each answer says beyond quoting: the answer with every
     word n-gram copied verbatim from its prompt taken out (``metrics.strip_copied``); an answer with
     nothing left scores 0."""
-    left = [M.strip_copied(c, p, n) for c, p in zip(completions, prompts)]
+    left = [c if M.copy_rate(c, p, n) == 0 else M.strip_copied(c, p, n) for c, p in zip(completions, prompts)]
     keep = [i for i, t in enumerate(left) if t]
     out = [0.0] * len(left)
     if keep:
@@ -387,7 +389,7 @@ def _improvement_pct(lower_is_better: bool, of=np.mean):
     return stat
 
 
-def judge_summary(jc: JudgeConfig, scores: dict[str, list[float]], names: list[str], boot: Bootstrap) -> dict:
+def judge_summary(jc: EvalJudgeConfig, scores: dict[str, list[float]], names: list[str], boot: Bootstrap) -> dict:
     """One judge's figures: per model mean (with CI), std and share above the threshold; per model
     after the baseline the change of each, with its paired CI (percent of the baseline's mean and
     std, positive = better; share in percentage points)."""
@@ -410,7 +412,7 @@ def judge_summary(jc: JudgeConfig, scores: dict[str, list[float]], names: list[s
 
 
 def checkpoint_curves(models: list[EvalModelConfig], entries: list[EvalModelConfig], checkpoint_of: dict,
-                      m: dict, judge_cfgs: list[JudgeConfig], jnames: list[str]) -> dict:
+                      m: dict, judge_cfgs: list[EvalJudgeConfig], jnames: list[str]) -> dict:
     """For every ``checkpoints: true`` model: its checkpoints and final model in step order, each with
     KL to the reference and every judge's mean (with CI), preceded by the KL reference itself (KL 0)
     when it is in the list; and the best by the trained-against judge (the proxy reward): the
@@ -595,7 +597,9 @@ def cdf_png(scores: dict[str, dict[str, list[float]]], info: dict[str, dict]) ->
     fig = Figure(figsize=(4.2 * len(scores), 3.6))
     axes = np.atleast_1d(fig.subplots(1, len(scores)))
     for ax, (j, per_model) in zip(axes, scores.items()):
-        prob = info[j]["kind"] != "reward_model" and all(0 <= x <= 1 for v in per_model.values() for x in v)
+        values = [x for v in per_model.values() for x in v]
+        binary = all(x in (0.0, 1.0) for x in values)  # the word-list judge: 0 or 1
+        prob = info[j]["kind"] != "reward_model" and not binary and all(0 <= x <= 1 for x in values)
         for name, v in per_model.items():
             x = np.sort(np.asarray(v, dtype=float))
             if prob:
@@ -606,7 +610,8 @@ def cdf_png(scores: dict[str, dict[str, list[float]]], info: dict[str, dict]) ->
         ax.axvline(info[j]["threshold"], color="grey", linestyle="--", linewidth=0.8)
         role = "trained against" if info[j]["trained_against"] else "held out"
         ax.set_title(f"{j} ({role})", fontsize=10)
-        ax.set_xlabel(("p(toxic), log scale" if prob else "score") + f"; dashed: threshold {info[j]['threshold']:g}")
+        what = "p(toxic), log scale" if prob else "1 = contains a listed word" if binary else "score"
+        ax.set_xlabel(f"{what}; dashed: threshold {info[j]['threshold']:g}")
         ax.set_ylabel("share of answers scoring <= x")
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=8)
@@ -676,8 +681,10 @@ def overoptimisation_png(family: str, curve: dict, m: dict) -> bytes:
         left.annotate(f"{p['step']}", (p["kl"], p["judges"][curve["proxy"]]["mean"] if curve["proxy"] else 0),
                       fontsize=7, textcoords="offset points", xytext=(3, 3))
     left.set_xlabel(f"KL to {m.get('kl_reference')} (nats per answer)")
-    left.set_ylabel("trained-against judge: mean score")
-    right.set_ylabel("held-out judges: mean score")
+    left.set_ylabel("trained-against judge (proxy): mean score")
+    held = [j for j in m["judges"] if not m["judges"][j]["trained_against"]]
+    toxic = all(m["judges"][j]["higher_is"] == "toxic" for j in held)
+    right.set_ylabel("held-out judges: mean " + ("p(toxic), lower is better" if toxic else "score"))
     handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
     left.legend(handles, labels, fontsize=8, loc="best")
@@ -897,7 +904,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     judge_cfgs = list(cfg.judges)
     if cfg.toxicity is not None:
         logger.warning(f"[rlhfkit] warning: eval key 'toxicity' is deprecated; use judges: [{{kind: {cfg.toxicity}}}]")
-        judge_cfgs = [JudgeConfig(kind=cfg.toxicity)]
+        judge_cfgs = [EvalJudgeConfig(kind=cfg.toxicity)]
     jnames = judge_names(judge_cfgs)
     judge_name = cfg.judge or ("total" if composite else (jnames[0] if jnames else "toxicity"))
     if judge_name == "toxicity" and jnames and "toxicity" not in jnames:

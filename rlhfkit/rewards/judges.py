@@ -1,7 +1,7 @@
 """Judges for ``rlhfkit eval``: named scorers of answers, each reported with its own threshold and
 direction, so the judge a policy was trained against sits beside held-out ones.
 
-Kinds (:class:`JudgeConfig`):
+Kinds (:class:`EvalJudgeConfig`):
 
 * ``profanity_check``: alt-profanity-check's p(toxic) (TF-IDF + calibrated linear SVM);
 * ``hatesonar``: HateSonar's p(hate speech) + p(offensive language) (TF-IDF + logistic regression);
@@ -24,7 +24,7 @@ JUDGE_KINDS = ("profanity_check", "hatesonar", "wordlist", "classifier", "reward
 
 
 @dataclass
-class JudgeConfig:
+class EvalJudgeConfig:
     kind: Literal["profanity_check", "hatesonar", "wordlist", "classifier", "reward_model"] = "profanity_check"
     """The scorer: ``profanity_check``, ``hatesonar``, ``wordlist`` (better-profanity's list),
     ``classifier`` (a Hugging Face sequence classifier) or ``reward_model`` (an ``rlhfkit reward`` folder)."""
@@ -109,7 +109,7 @@ class WordList:
         return out
 
 
-def build_judge(cfg: JudgeConfig, device: Optional[str] = None) -> RewardFn:
+def build_judge(cfg: EvalJudgeConfig, device: Optional[str] = None) -> RewardFn:
     """The scorer of one judge, validated (count, numbers, finite): ``fn(prompts, completions)``."""
     from rlhfkit.rewards.classifiers import Classifier
     from rlhfkit.rewards.reward_model import RewardModel
@@ -127,7 +127,7 @@ def build_judge(cfg: JudgeConfig, device: Optional[str] = None) -> RewardFn:
     return validate_reward(fn, f"judge '{cfg.label_name}'")
 
 
-def judge_names(cfgs: Sequence[JudgeConfig]) -> list[str]:
+def judge_names(cfgs: Sequence[EvalJudgeConfig]) -> list[str]:
     """Names of the judges (``name`` or kind), which must be distinct."""
     names = [c.label_name for c in cfgs]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -136,4 +136,4 @@ def judge_names(cfgs: Sequence[JudgeConfig]) -> list[str]:
     return names
 
 
-__all__ = ["JudgeConfig", "WordList", "build_judge", "judge_names", "profanity_wordlist", "JUDGE_KINDS"]
+__all__ = ["EvalJudgeConfig", "WordList", "build_judge", "judge_names", "profanity_wordlist", "JUDGE_KINDS"]
