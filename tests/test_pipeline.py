@@ -79,6 +79,17 @@ def test_demo_quick(tmp_path):
     report = (out / "report.md").read_text()
     assert "![PPO reward and KL](ppo_curves.png)" in report
     assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the training judge and two held-out judges, each with its CI; fluency, copying, wall time, targets
+    assert headline["training_judge"] == "profanity_check" and sorted(headline["held_out"]) == ["hatesonar", "wordlist"]
+    ch = m["judges"]["profanity_check"]["change"]["after"]["mean_improvement_pct"]
+    assert headline["mean_improvement_ci"] == [ch["low"], ch["high"]] and ch["low"] <= ch["estimate"] <= ch["high"]
+    assert headline["perplexity_ratio"] == pytest.approx(m["perplexity"]["after"] / m["perplexity"]["before"])
+    assert headline["copy_rate_after"] == pytest.approx(sum(s["copy_rate"]["after"] for s in samples) / 32)
+    assert 0 < headline["wall_seconds"] and "Total wall time of this command" in report
+    for line in ("| **profanity_check** (trained against) |", "| hatesonar (held out) |", "| wordlist (held out) |",
+                 "| perplexity under `before` |", "| at most 15 minutes |"):
+        assert line in report
+    assert "![toxicity_cdf.png](eval/toxicity_cdf.png)" in report and "![models.png](eval/models.png)" in report
 
 
 @pytest.mark.unit
