@@ -56,6 +56,7 @@ def file_config(data: str, out: Path, **extra) -> dict:
         "judge": "chars",
         "judges": [{"kind": "profanity_check", "trained_against": True}, {"kind": "wordlist"}],
         "copy_ngram": 2,
+        "win_rates": ["total-length", "length"],
         "output_dir": str(out),
         "progress": False,
     }
@@ -301,8 +302,9 @@ def test_cli_bad_config_and_bad_reward_exit_2(tmp_path):
     ({"judges": [{"kind": "perspective"}]}, "judges"),
     ({"perplexity_scorer": "nobody"}, "perplexity_scorer 'nobody' is not a model name"),
     ({"copy_ngram": 0}, "copy_ngram must be >= 1"),
+    ({"win_rates": ["total-chars-x"]}, "win_rates: 'total-chars-x' is not a configured score"),
     ({"modles": []}, "unknown key 'modles'; did you mean 'models'?"),
-    ({"rewards": [{"kind": "python", "function": "reward_fns_example:returns_nan"}], "judge": None},
+    ({"rewards": [{"kind": "python", "function": "reward_fns_example:returns_nan"}], "judge": None, "win_rates": []},
      "reward 'python:reward_fns_example:returns_nan' returned nan for completion 0"),
 ])
 def test_bad_input_names_the_problem(change, message, tmp_path, capsys, monkeypatch):
@@ -459,6 +461,10 @@ def test_judges_share_and_bootstrap_cis_by_hand(file_eval):
     assert wr["estimate"] == pytest.approx(0.625) == m["win_rate_vs_baseline"]["after"]
     assert wr == pytest.approx(M.paired_bootstrap(lambda o: o.mean(), np.array([[1.0], [1.0], [0.5], [0.0]]),
                                                   n_resamples=cfg.bootstrap_resamples, seed=cfg.seed))
+    # total without the length term = characters: the same win rate; length alone (words 9, 6, 2, 9 before,
+    # 9, 7, 2, 2 after; reward 7/8, 1, 2/3, 7/8 vs 7/8, 1, 2/3, 2/3): ties, ties, ties, loss -> 1.5 / 4
+    assert m["win_rate_by"]["total-length"]["after"] == pytest.approx(wr)
+    assert m["win_rate_by"]["length"]["after"]["estimate"] == pytest.approx(0.375)
     # reward change: characters after - before = (99 - 132) / 4
     assert m["reward_change"]["after"]["chars"]["estimate"] == pytest.approx(-33 / 4)
 

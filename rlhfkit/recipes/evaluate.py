@@ -122,6 +122,10 @@ class Config:
     ``rewards`` (its ``name`` or kind), ``total`` (their weighted sum), a judge's name (its
     non-toxicity 1 - p for a toxicity judge, the score itself for a reward model), or ``toxicity``
     (the first judge). Default: ``total`` when rewards are configured, else the first judge."""
+    win_rates: list[str] = field(default_factory=list)
+    """More scores to report win rates vs the baseline under (each with its CI), beside ``judge``:
+    a reward part or judge name, ``total``, or ``total-<part>``: the weighted sum without that part
+    (e.g. ``total-length``, to see whether a win survives without the length term)."""
     perplexity_scorer: Optional[str] = None
     """Name of the model in ``models`` under which every model's answers get a perplexity (one fixed
     scorer, so the figures compare; the ratio to the baseline's says how far fluency moved).
@@ -806,6 +810,9 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
             ch_header += ["relevance ratio", "relevance ratio (copied removed)"]
             ch_cols.append(lambda n: [_ci(m["relevance_ratio"][n]["semantic_relevance"]),
                                       _ci(m["relevance_ratio"][n]["relevance_uncopied"])])
+        for w in m.get("win_rate_by", {}):
+            ch_header.append(f"win rate under {w}")
+            ch_cols.append(lambda n, w=w: [_ci(m["win_rate_by"][w][n])])
         if "cut_at_cap_change" in m:
             ch_header.append("cut-at-cap share change")
             ch_cols.append(lambda n: [_ci(m["cut_at_cap_change"].get(n))])
@@ -914,6 +921,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
         raise ConfigError("nothing to score: configure 'rewards' or at least one of 'judges'")
     if judge_name not in valid:
         raise ConfigError(f"judge '{judge_name}' is not a configured score; choose one of {valid}")
+    without = [f"total-{p}" for p in part_names] if len(part_names) > 1 else []
+    for w in cfg.win_rates:
+        if w not in valid + without:
+            raise ConfigError(f"win_rates: '{w}' is not a configured score; choose from {valid + without}")
     entries, checkpoint_of = expand_checkpoints(cfg.models)
     names = [e.name for e in entries]
     logger.info(f"eval: {n_prompts} prompts x {per_prompt} sample(s) from {table.source}; models {names}; "
@@ -1065,6 +1076,20 @@ def run(cfg: Config, resume: bool = False) -> dict:
         m.update(comp)
         m["win_rate_vs_baseline"] = {n: comp["win_rate"][n][names[0]] for n in others}
         m["win_rate_ci"] = {n: boot(_win_rate, judge[names[0]], judge[n]) for n in others}
+    if len(names) > 1 and cfg.win_rates:
+        weights = {name: w for name, w, _ in composite.parts} if composite else {}
+
+        def named(spec: str, n: str) -> list[float]:
+            if spec.startswith("total-") and spec in without:
+                part = spec[len("total-"):]
+                return [t - weights[part] * r for t, r in zip(parts_per_model[n]["total"], parts_per_model[n][part])]
+            if spec in scores:
+                lower = next(c.lower_is_better for c, j in zip(judge_cfgs, jnames) if j == spec)
+                return [1.0 - x for x in scores[spec][n]] if lower else scores[spec][n]
+            return parts_per_model[n][spec]
+
+        m["win_rate_by"] = {w: {n: boot(_win_rate, named(w, names[0]), named(w, n)) for n in others}
+                            for w in cfg.win_rates}
     curves = checkpoint_curves(cfg.models, entries, checkpoint_of, m, judge_cfgs, jnames)
     if curves:
         m["checkpoint_curves"] = curves
