@@ -29,6 +29,10 @@ def test_summarize_pipeline_on_tiny_models_skips_finished_stages(tiny_llama, tin
             f"reward.model.name_or_path={bert}", "reward.train.max_steps=3",
             f"ppo.model.name_or_path={tiny_llama}", "ppo.train.max_steps=2", "ppo.generation.max_new_tokens=6",
             "ppo.model.max_length=256", "ppo.data.max_prompt_length=200", "sft.data.max_prompt_length=200",
+            f"eval.models=[{{name: sft, model: {{name_or_path: '{tiny_llama}'}}, adapter_path: '{tmp_path / 'pipe/sft'}'}}, "
+            f"{{name: ppo, model: {{name_or_path: '{tiny_llama}'}}, adapter_path: '{tmp_path / 'pipe/ppo'}'}}]",
+            "eval.data.max_rows=5", "eval.generation.max_new_tokens=6", "eval.samples_per_prompt=2",
+            "eval.data.max_prompt_length=200", "eval.bootstrap_resamples=100", "eval.progress=false",
             f"output_dir={tmp_path / 'pipe'}"]
     # output_dir is a pipeline key, not a stage override: pass it through a copy of the file
     cfg = yaml.safe_load((ROOT / "examples/summarize_from_feedback.yaml").read_text())
@@ -43,10 +47,24 @@ def test_summarize_pipeline_on_tiny_models_skips_finished_stages(tiny_llama, tin
     assert ppo_summary["reference"] == "adapter"  # KL to the SFT adapter, not the bare base
     assert ppo_summary["steps"] == 2
     assert (tmp_path / "pipe/reward/reward_stats.json").exists()
-    mtimes = {s: (tmp_path / f"pipe/{s}/summary.json").stat().st_mtime for s in ("sft", "reward", "ppo")}
+    # the eval stage: SFT vs PPO on held-out posts, ROUGE and the normalised reward with CIs
+    m = json.loads((tmp_path / "pipe/eval/metrics.json").read_text())
+    assert m["models"] == ["sft", "ppo"] and m["prompts"] == 5 and m["judge"] == "normalized_reward"
+    samples = [json.loads(x) for x in (tmp_path / "pipe/eval/samples.jsonl").read_text().splitlines()]
+    test_summaries = [json.loads(x)["summary"] for x in (ROOT / "examples/data/tldr_small.jsonl").read_text().splitlines()
+                      if json.loads(x)["split"] == "test"]
+    assert [s["reference"] for s in samples if s["sample"] == 0] == [test_summaries[s["index"]] for s in samples
+                                                                     if s["sample"] == 0]
+    for key in ("rouge1", "rouge2", "rougeL", "rouge_avg"):
+        c = m["rouge_change"]["ppo"][key]
+        assert c["estimate"] == pytest.approx(m["rouge"]["ppo"][key] - m["rouge"]["sft"][key])
+        assert c["low"] <= c["estimate"] <= c["high"]
+    r = m["reward_change"]["ppo"]["normalized_reward"]
+    assert r["estimate"] == pytest.approx(m["reward"]["ppo"]["normalized_reward"] - m["reward"]["sft"]["normalized_reward"])
+    mtimes = {s: (tmp_path / f"pipe/{s}/summary.json").stat().st_mtime for s in ("sft", "reward", "ppo", "eval")}
     r2 = cli("run", str(tmp_path / "p.yaml"), *over[:-1])
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stderr.count("already finished") == 3
+    assert r2.stderr.count("already finished") == 4
     assert mtimes == {s: (tmp_path / f"pipe/{s}/summary.json").stat().st_mtime for s in mtimes}
 
 
