@@ -29,7 +29,8 @@ def detox_rm_run(tmp_path_factory, tiny_dir):
     data = ROOT / "examples/data"
     model = f"{{name_or_path: '{gpt2}'}}"
     over = [f"reward.model.name_or_path={bert}", "reward.train.max_steps=4", "reward.train.eval_every=0",
-            f"reward.data.path={data / 'toxicity_prefs.jsonl'}", f"reward.data.eval_path={data / 'toxicity_prefs_test.jsonl'}",
+            f"reward.data.path={data / 'toxicity_prefs.jsonl'}",
+            f"reward.data.eval_path={data / 'toxicity_prefs_test.jsonl'}",
             f"ppo.model.name_or_path={gpt2}", "ppo.train.max_steps=3", "ppo.train.checkpoint_every=1",
             "ppo.rollout_batch_size=8", "ppo.train.batch_size=4", "ppo.generation.max_new_tokens=8",
             "ppo.data.max_rows=32", "ppo.data.max_prompt_length=64", f"ppo.data.path={data / 'detox_prompts.jsonl'}",

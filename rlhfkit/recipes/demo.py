@@ -80,15 +80,18 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
     change = tj["change"]["after"]["mean_improvement_pct"]
     ppl = m.get("perplexity_ratio", {}).get("after", {})
     rel = m.get("relevance_ratio", {}).get("after", {}).get("relevance_uncopied", {})
+    held_out = {}
+    for j, v in judges.items():
+        if not v["trained_against"]:
+            c = v["change"]["after"]["mean_improvement_pct"]
+            held_out[j] = {"mean_improvement_pct": c["estimate"], "mean_improvement_ci": [c["low"], c["high"]],
+                           "share_above_before": v["share_above"]["before"],
+                           "share_above_after": v["share_above"]["after"]}
     headline = {
-        "training_judge": trained, "toxicity_mean_before": tj["mean"]["before"], "toxicity_mean_after": tj["mean"]["after"],
+        "training_judge": trained, "toxicity_mean_before": tj["mean"]["before"],
+        "toxicity_mean_after": tj["mean"]["after"],
         "mean_improvement_pct": change["estimate"], "mean_improvement_ci": [change["low"], change["high"]],
-        "std_improvement_pct": tj["change"]["after"]["std_improvement_pct"]["estimate"],
-        "held_out": {j: {"mean_improvement_pct": v["change"]["after"]["mean_improvement_pct"]["estimate"],
-                         "mean_improvement_ci": [v["change"]["after"]["mean_improvement_pct"]["low"],
-                                                 v["change"]["after"]["mean_improvement_pct"]["high"]],
-                         "share_above_before": v["share_above"]["before"], "share_above_after": v["share_above"]["after"]}
-                     for j, v in judges.items() if not v["trained_against"]},
+        "std_improvement_pct": tj["change"]["after"]["std_improvement_pct"]["estimate"], "held_out": held_out,
         "share_toxic_before": tj["share_above"]["before"], "share_toxic_after": tj["share_above"]["after"],
         "perplexity_ratio": ppl.get("estimate"), "perplexity_ratio_ci": [ppl.get("low"), ppl.get("high")],
         "copy_rate_before": m["copy_rate"]["before"], "copy_rate_after": m["copy_rate"]["after"],
@@ -103,13 +106,13 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
     ci = lambda c, d=1: f"[{f(c[0], d)}, {f(c[1], d)}]"  # noqa: E731
     level = f"{100 * m['ci_level']:g}%"
     rows = [f"| **{trained}** (trained against) | {f(tj['mean']['before'])} | {f(tj['mean']['after'])} | "
-            f"{f(change['estimate'], 1)}% lower {ci(headline['mean_improvement_ci'])} | "
+            f"{f(change['estimate'], 1)} {ci(headline['mean_improvement_ci'])} | "
             f"{100 * tj['share_above']['before']:.1f}% -> {100 * tj['share_above']['after']:.1f}% |"]
     for j, v in judges.items():
         if not v["trained_against"]:
             c = v["change"]["after"]["mean_improvement_pct"]
             rows.append(f"| {j} (held out) | {f(v['mean']['before'])} | {f(v['mean']['after'])} | "
-                        f"{f(c['estimate'], 1)}% lower {ci([c['low'], c['high']])} | "
+                        f"{f(c['estimate'], 1)} {ci([c['low'], c['high']])} | "
                         f"{100 * v['share_above']['before']:.1f}% -> {100 * v['share_above']['after']:.1f}% |")
     checks = []
     for name, test in TARGETS.items():
@@ -117,26 +120,34 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
             checks.append(f"| {name} | {'met' if test(headline) else '**not met**'} |")
         except (TypeError, KeyError):
             checks.append(f"| {name} | n/a |")
+    ppl_abs = m.get("perplexity", {})
+    fluency = [
+        f"| perplexity under `{m.get('perplexity_scorer')}` | {f(ppl_abs.get('before'), 2)} | "
+        f"{f(ppl_abs.get('after'), 2)} | x{f(ppl.get('estimate'), 3)} {ci(headline['perplexity_ratio_ci'], 3)} |",
+        f"| copy rate ({m['copy_ngram']}-grams of the answer found in the prompt) | {f(m['copy_rate']['before'])} | "
+        f"{f(m['copy_rate']['after'])} | |",
+        f"| relevance to the source, copied spans removed | {f(headline['relevance_before'])} | "
+        f"{f(headline['relevance_after'])} | x{f(rel.get('estimate'), 3)} {ci(headline['relevance_ratio_ci'], 3)} |",
+        f"| sampled KL(after \\|\\| before), nats per answer | | {f(headline['kl_after_to_before'])} | |"]
     eval_report = (eval_dir / "report.md").read_text().replace("](", "](eval/")
     mins, secs = divmod(int(round(wall_seconds)), 60)
-    text = f"""# rlhfkit demo: detoxifying {'a tiny GPT-2 (--quick)' if quick else 'SmolLM2-135M-Instruct'} with LoRA PPO
+    policy = "a tiny GPT-2 (--quick)" if quick else "SmolLM2-135M-Instruct"
+    text = f"""# rlhfkit demo: detoxifying {policy} with LoRA PPO
 
-Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} answers per model. Intervals: {level} paired
-bootstrap over prompts. Share toxic: answers with a score above the judge's threshold (0.5).
+Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} answers per model. Intervals:
+{level} paired bootstrap over prompts. Share toxic: answers with a score above the judge's threshold (0.5).
 
-| judge | mean before | mean after | change ({level} CI) | share toxic before -> after |
+| judge | mean before | mean after | % lower, after vs before ({level} CI) | share toxic before -> after |
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
 | fluency and copying | before | after | after / before ({level} CI) |
 |---|---|---|---|
-| perplexity under `{m.get('perplexity_scorer')}` | {f(m.get('perplexity', {}).get('before'), 2)} | {f(m.get('perplexity', {}).get('after'), 2)} | x{f(ppl.get('estimate'), 3)} {ci(headline['perplexity_ratio_ci'], 3)} |
-| copy rate ({m['copy_ngram']}-grams of the answer found in the prompt) | {f(m['copy_rate']['before'])} | {f(m['copy_rate']['after'])} | |
-| relevance to the source, copied spans removed | {f(headline['relevance_before'])} | {f(headline['relevance_after'])} | x{f(rel.get('estimate'), 3)} {ci(headline['relevance_ratio_ci'], 3)} |
-| sampled KL(after \\|\\| before), nats per answer | | {f(headline['kl_after_to_before'])} | |
+{chr(10).join(fluency)}
 
-Total wall time of this command: {mins} min {secs} s (PPO: {ppo_summary.get('steps')} steps, {f(ppo_summary.get('train_seconds'), 0)} s
-of training; a stage already finished in this folder is skipped and not counted).
+Total wall time of this command: {mins} min {secs} s (PPO: {ppo_summary.get('steps')} steps,
+{f(ppo_summary.get('train_seconds'), 0)} s of training; a stage already finished in this folder is
+skipped and not counted).
 
 | target (issue #22, per seed) | this run |
 |---|---|

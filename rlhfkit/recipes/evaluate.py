@@ -5,8 +5,20 @@ Each entry of ``models`` either generates (``model`` set: a ModelConfig, optiona
 ``column`` set). The first entry is the baseline ("before"), the last is "after" in the sample
 table. Reported per model (all pure functions of ``rlhfkit.metrics`` where one exists):
 
-- toxicity mean and (population) std, and their change from the baseline in percent,
-  ``(before - after) / before`` as the detoxification recipe reports it (``metrics.toxicity_change``);
+- for every judge (``judges``: alt-profanity-check, HateSonar, better-profanity's word list, any HF
+  classifier, a reward model; each marked trained-against or held out): mean, (population) std,
+  share above its threshold, and their change from the baseline, ``(before - after) / before`` in
+  percent for toxicity as the detoxification recipe reports it (``metrics.toxicity_change``);
+- fluency and copying: perplexity of every model's answers under one scorer model (default: the
+  baseline), ``exp(sum NLL / tokens)`` (``metrics.perplexity``); the copy rate, the share of an
+  answer's word n-grams found verbatim in its prompt (``metrics.copy_rate``); relevance to the
+  source with those copied spans taken out (``metrics.strip_copied``), so quoting earns nothing;
+  the share of generated answers cut at ``max_new_tokens``;
+- a paired bootstrap CI over prompts (a prompt's answers resampled together;
+  ``metrics.paired_bootstrap``) for every change vs the baseline: judges, rewards, ROUGE,
+  relevance and perplexity ratios, copy rate, cut share, win rates (also under ``win_rates``);
+- with ``checkpoints: true`` on a model, every checkpoint its training run kept, and the
+  over-optimisation table and plot: every judge against KL to the reference (Gao et al., 2022);
 - ROUGE-1/2/L F-measures against a reference column (``metrics.rouge``);
 - semantic relevance to a source column (``metrics.semantic_relevance_pairs``, all-MiniLM-L6-v2);
 - mean reward under every configured reward function (``rewards``) and their weighted sum;
@@ -20,14 +32,23 @@ table. Reported per model (all pure functions of ``rlhfkit.metrics`` where one e
 
 Writes into ``output_dir`` (atomically): ``config.yaml``, ``metrics.json``, ``samples.jsonl`` (the
 ``rlhfkit view`` format, sorted by gain = judge(last) - judge(first), largest first), ``report.md``
-(tables, the sample table, the plots embedded), ``reward_hist.png``, ``toxicity_hist.png``,
-``models.png`` and, last and only on success, ``summary.json`` (the headline numbers; as for the
-training recipes, ``rlhfkit run`` skips a stage whose folder holds it with the same config).
+(tables, the sample table, the plots embedded), ``reward_hist.png`` (answers per judge score),
+``toxicity_cdf.png`` (share of answers at or below each score, log scale for probabilities),
+``models.png`` (every change vs the baseline with its CI as error bars),
+``overoptimisation_<name>.png`` (with checkpoints) and, last and only on success, ``summary.json``
+(the headline numbers; as for the training recipes, ``rlhfkit run`` skips a stage whose folder holds
+it with the same config).
 
 Deliberate choices: rewards, toxicity, ROUGE and the sample table use the user prompt (before any
 chat template), the one text every model shares; each model generates from the prompt wrapped in
 its own tokenizer's chat template. KL is computed on the token ids each model sampled; completions
 read from the file are re-encoded with EOS appended. Model and reference must share a tokenizer.
+Perplexity scores the ids a model sampled when it shares the scorer's tokenizer (an answer cut at
+the cap has no EOS to score), else the text re-encoded with EOS. Copying is measured against the
+user prompt, which quotes the source in the detoxification prompts. Relevance without copied
+spans (rather than against a topic) keeps the one reference every prompt set has, its source, and
+gives 0 to an answer that only quotes. CIs are percentile intervals; a resample whose statistic is
+undefined (a zero baseline mean) is left out.
 """
 from __future__ import annotations
 
