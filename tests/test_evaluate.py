@@ -281,6 +281,7 @@ def test_cli_bad_config_and_bad_reward_exit_2(tmp_path):
         "error: judge 'charz' is not a configured score; choose one of ['total', 'chars', 'length', 'profanity_check', 'wordlist']")
     wrong = file_config(data, tmp_path / "o", rewards=[{"kind": "python", "function": "reward_fns_example:wrong_count"}])
     wrong.pop("judge")
+    wrong.pop("win_rates")
     res = _run_cli(write_config(tmp_path / "wrong.yaml", wrong), tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
@@ -523,3 +524,7 @@ def test_perplexity_is_exp_of_mean_token_nll_and_cut_share(tiny_llama, lora_adap
     assert ratio["low"] <= ratio["estimate"] <= ratio["high"]
     cut = [float(len(r) == 6 and r[-1] != tok.eos_token_id) for r in ids]
     assert m["cut_at_cap"]["lora"] == pytest.approx(np.mean(cut))
+    # with the scorer as the KL reference, the reference's pass of the sampled KL gives the same perplexity
+    cfg.kl_reference, cfg.output_dir = "before", str(tmp_path / "out2")
+    m2 = evaluate.run(cfg)
+    assert m2["perplexity"] == pytest.approx(m["perplexity"], rel=1e-9) and m2["kl"]["lora"] > 0

@@ -338,23 +338,12 @@ def expand_checkpoints(models: list[EvalModelConfig]) -> tuple[list[EvalModelCon
     return entries, checkpoint_of
 
 
-@torch.no_grad()
 def answer_nll(model, tok, prompts: list[str], responses: list[list[int]],
                batch_size: int) -> tuple[list[float], list[int]]:
     """(summed negative log-likelihood in nats, token count) of every response given its prompt:
     ``metrics.perplexity`` turns them into exp(mean token NLL)."""
-    policy = PolicyModel(model).eval()
-    device = next(policy.parameters()).device
-    seq2seq = policy.is_seq2seq
-    examples = [Example(encode_prompt(tok, p, seq2seq), list(r)) for p, r in zip(prompts, responses)]
-    sums: list[float] = []
-    counts: list[int] = []
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s: s + batch_size], tok.pad_token_id, seq2seq)
-        res = policy(**{k: v.to(device) for k, v in batch.items()})
-        sums += (-(res["logps"] * res["mask"]).sum(-1)).double().cpu().tolist()  # (b,)
-        counts += res["mask"].sum(-1).cpu().tolist()
-    return sums, [int(c) for c in counts]
+    logps, counts = sequence_logps(PolicyModel(model).eval(), tok, prompts, responses, batch_size, with_counts=True)
+    return (-logps).tolist(), counts
 
 
 def relevance_uncopied(completions: list[str], prompts: list[str], sources: list[str], n: int,
@@ -479,17 +468,20 @@ def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed
 
 @torch.no_grad()
 def sequence_logps(policy: PolicyModel, tok, prompts: list[str], responses: list[list[int]],
-                   batch_size: int) -> torch.Tensor:
-    """sum_t log pi(y_t | x, y_<t) of every (prompt, response ids) pair: (N,)."""
+                   batch_size: int, with_counts: bool = False):
+    """sum_t log pi(y_t | x, y_<t) of every (prompt, response ids) pair: (N,); with ``with_counts``
+    also the number of response tokens scored in each."""
     device = next(policy.parameters()).device
     seq2seq = policy.is_seq2seq
     examples = [Example(encode_prompt(tok, p, seq2seq), list(r)) for p, r in zip(prompts, responses)]
-    out = []
+    out, counts = [], []
     for s in range(0, len(examples), batch_size):
         batch = collate(examples[s: s + batch_size], tok.pad_token_id, seq2seq)
         res = policy(**{k: v.to(device) for k, v in batch.items()})
         out.append((res["logps"] * res["mask"]).sum(-1).double().cpu())  # (b,)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        counts += [int(c) for c in res["mask"].sum(-1).tolist()]
+    logps = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return (logps, counts) if with_counts else logps
 
 
 def sampled_kl(model, ref_model, tok, prompts: list[str], responses: list[list[int]], batch_size: int) -> list[float]:
@@ -966,6 +958,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     scorer_name = cfg.perplexity_scorer or next(
         (e.name for e in sorted(entries, key=lambda e: e.name != names[0]) if e.model is not None), None)
     toks: dict = {}  # each model's tokenizer
+    nll: dict[str, tuple[list[float], list[int]]] = {}  # perplexity: (summed NLL, tokens) of each answer
     scored_ids: dict[str, Optional[list[list[int]]]] = {}  # the token ids each model's answers were generated as
     cut: dict[str, list[float]] = {}  # 1.0 where a generated answer stopped at max_new_tokens without EOS
     for e in entries:
@@ -995,8 +988,14 @@ def run(cfg: Config, resume: bool = False) -> dict:
         elif ref_model is not None and model is not None:
             if not same_tokenizer(tok, ref_tok):
                 raise UserError(f"models '{e.name}': KL needs the reference's tokenizer; this model's differs")
-            kl_fn = sampled_kl if cfg.generation.do_sample else token_kl
-            kl[e.name] = float(np.mean(kl_fn(model, ref_model, tok, wrapped, responses, cfg.kl_batch_size)))
+            if cfg.generation.do_sample:  # sampled KL: log pi - log pi_ref on the sampled tokens
+                lp = sequence_logps(PolicyModel(model).eval(), tok, wrapped, responses, cfg.kl_batch_size)
+                ref_nll = answer_nll(ref_model, tok, wrapped, responses, cfg.kl_batch_size)
+                kl[e.name] = float(np.mean((lp.numpy() + np.asarray(ref_nll[0])).tolist()))
+                if scorer_name == cfg.kl_reference:
+                    nll[e.name] = ref_nll  # the perplexity scorer is the reference: this pass serves both
+            else:
+                kl[e.name] = float(np.mean(token_kl(model, ref_model, tok, wrapped, responses, cfg.kl_batch_size)))
         if model is not None and model is not ref_model:
             del model
             gc.collect()
@@ -1005,8 +1004,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
             tokens[e.name] = token_count(length_tok, completions[e.name])
 
     # ---- perplexity of every model's answers under one scorer ----
-    nll: dict[str, tuple[list[float], list[int]]] = {}
-    if scorer_name is not None:
+    if scorer_name is not None and any(e.name not in nll for e in entries):
         se = next(e for e in entries if e.name == scorer_name)
         if se.name == cfg.kl_reference:
             scorer, scorer_tok = ref_model, ref_tok
@@ -1015,6 +1013,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
         seq2seq = bool(unwrap(scorer).config.is_encoder_decoder)
         wrapped = [wrap_prompt(p, cfg.data, scorer_tok) for p in prompts]
         for e in entries:
+            if e.name in nll:
+                continue
             ids = scored_ids.get(e.name)
             if ids is None or not same_tokenizer(toks[e.name], scorer_tok):
                 ids = [encode_completion(scorer_tok, c, seq2seq) for c in completions[e.name]]  # EOS appended
