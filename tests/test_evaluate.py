@@ -528,3 +528,22 @@ def test_perplexity_is_exp_of_mean_token_nll_and_cut_share(tiny_llama, lora_adap
     cfg.kl_reference, cfg.output_dir = "before", str(tmp_path / "out2")
     m2 = evaluate.run(cfg)
     assert m2["perplexity"] == pytest.approx(m["perplexity"], rel=1e-9) and m2["kl"]["lora"] > 0
+
+
+@pytest.mark.unit
+def test_wordlist_and_classifier_judges(tmp_path, tiny_dir):
+    from rlhfkit.rewards import EvalJudgeConfig, build_judge, classifier_logits
+    from rlhfkit.tiny import save_tiny
+
+    wl = build_judge(EvalJudgeConfig(kind="wordlist"))
+    # whole words only ('classic' holds no listed word), case and punctuation ignored, multi-word entries
+    assert wl(["p"] * 4, ["What the HELL, you moron!", "a classic idea", "Shit.", "2 girls 1 cup"]) == [1.0, 0.0, 1.0, 1.0]
+    bert = save_tiny("bert", tiny_dir / "judge-bert")
+    texts = ["the cat", "a dog runs", "hello"]
+    clf = build_judge(EvalJudgeConfig(kind="classifier", model=bert, output="probability"))
+    logits = classifier_logits(bert, texts)[:, 0]  # one-logit head: probability = sigmoid(logit)
+    assert clf(["p"] * 3, texts) == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-6)
+    raw = build_judge(EvalJudgeConfig(kind="classifier", model=bert, output="logit"))
+    assert raw(["p"] * 3, texts) == pytest.approx(logits.tolist(), abs=1e-6)
+    assert EvalJudgeConfig(kind="reward_model", model=bert).lower_is_better is False
+    assert EvalJudgeConfig(kind="classifier", model=bert).lower_is_better is True
