@@ -617,13 +617,24 @@ def cdf_png(scores: dict[str, dict[str, list[float]]], info: dict[str, dict]) ->
         values = [x for v in per_model.values() for x in v]
         binary = all(x in (0.0, 1.0) for x in values)  # the word-list judge: 0 or 1
         prob = info[j]["kind"] != "reward_model" and not binary and all(0 <= x <= 1 for x in values)
+        low = max(PROBABILITY_FLOOR, min(values) / 2) if prob else min(values) - 0.05
         for name, v in per_model.items():
             x = np.sort(np.asarray(v, dtype=float))
             if prob:
                 x = np.maximum(x, PROBABILITY_FLOOR)
-            ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", label=name)
+            x = np.concatenate([[low], x])  # the curve starts at share 0
+            ax.step(x, np.arange(x.size) / (x.size - 1), where="post", label=name)
         if prob:
+            from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
             ax.set_xscale("log")
+            ax.set_xlim(low, 1.0)
+            short = math.log10(1.0 / low) <= 1.5  # less than two decades: label 1-2-3-5 steps, else decades
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0) if short else (1.0,)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        elif binary:
+            ax.set_xlim(-0.05, 1.05)
         ax.axvline(info[j]["threshold"], color="grey", linestyle="--", linewidth=0.8)
         role = "trained against" if info[j]["trained_against"] else "held out"
         ax.set_title(f"{j} ({role})", fontsize=10)
