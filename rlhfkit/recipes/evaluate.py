@@ -361,103 +361,6 @@ def relevance_uncopied(completions: list[str], prompts: list[str], sources: list
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Confidence intervals: paired bootstrap over prompts (metrics.paired_bootstrap)
-# ---------------------------------------------------------------------------------------------
-
-
-class Bootstrap:
-    """``boot(stat, *per_answer_lists)``: estimate and CI of ``stat`` on ``(prompts, samples)`` grids,
-    resampling prompts with all their answers (the same draws for every figure of a run)."""
-
-    def __init__(self, n_prompts: int, per_prompt: int, n_resamples: int, seed: int, level: float):
-        self.shape, self.n_resamples, self.seed, self.level = (n_prompts, per_prompt), n_resamples, seed, level
-
-    def __call__(self, stat, *lists) -> dict[str, float]:
-        grids = [np.asarray(v, dtype=np.float64).reshape(self.shape) for v in lists]  # (P, k) each
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return M.paired_bootstrap(stat, *grids, n_resamples=self.n_resamples, seed=self.seed, level=self.level)
-
-
-def _diff(b: np.ndarray, a: np.ndarray) -> float:
-    return float(a.mean() - b.mean())
-
-
-def _ratio(b: np.ndarray, a: np.ndarray) -> float:
-    return float(a.mean() / b.mean())
-
-
-def _win_rate(b: np.ndarray, a: np.ndarray) -> float:
-    return float(((a > b) + 0.5 * (a == b)).mean())  # ties count one half
-
-
-def _perplexity_ratio(nll_b: np.ndarray, n_b: np.ndarray, nll_a: np.ndarray, n_a: np.ndarray) -> float:
-    return math.exp(nll_a.sum() / n_a.sum() - nll_b.sum() / n_b.sum())
-
-
-def _improvement_pct(lower_is_better: bool, of=np.mean):
-    """Change of ``of`` (mean or std) from b to a in percent of b, positive when it got better."""
-    def stat(b: np.ndarray, a: np.ndarray) -> float:
-        before, after = np.float64(of(b)), np.float64(of(a))  # numpy division: 0 gives inf/nan, left out
-        return float(100.0 * ((before - after) if lower_is_better else (after - before)) / abs(before))
-    return stat
-
-
-def judge_summary(jc: EvalJudgeConfig, scores: dict[str, list[float]], names: list[str], boot: Bootstrap) -> dict:
-    """One judge's figures: per model mean (with CI), std and share above the threshold; per model
-    after the baseline the change of each, with its paired CI (percent of the baseline's mean and
-    std, positive = better; share in percentage points)."""
-    thr = jc.threshold
-    base = scores[names[0]]
-    out = {"kind": jc.kind, "trained_against": jc.trained_against, "threshold": thr,
-           "higher_is": "toxic" if jc.lower_is_better else "better",
-           "mean": {n: float(np.mean(scores[n])) for n in names},
-           "mean_ci": {n: boot(lambda a: float(a.mean()), scores[n]) for n in names},
-           "std": {n: float(np.std(scores[n])) for n in names},
-           "share_above": {n: M.share_above(scores[n], thr) for n in names}, "change": {}}
-    for n in names[1:]:
-        out["change"][n] = {
-            "mean_improvement_pct": boot(_improvement_pct(jc.lower_is_better), base, scores[n]),
-            "std_improvement_pct": boot(_improvement_pct(jc.lower_is_better, np.std), base, scores[n]),
-            "share_above_change_pts": boot(lambda b, a: 100.0 * (float((a > thr).mean()) - float((b > thr).mean())),
-                                           base, scores[n]),
-        }
-    return out
-
-
-def checkpoint_curves(models: list[EvalModelConfig], entries: list[EvalModelConfig], checkpoint_of: dict,
-                      m: dict, judge_cfgs: list[EvalJudgeConfig], jnames: list[str]) -> dict:
-    """For every ``checkpoints: true`` model: its checkpoints and final model in step order, each with
-    KL to the reference and every judge's mean (with CI), preceded by the KL reference itself (KL 0)
-    when it is in the list; and the best by the trained-against judge (the proxy reward): the
-    over-optimisation curve of Gao et al. (2022)."""
-    curves = {}
-    for e in models:
-        if not e.checkpoints:
-            continue
-        members = [x.name for x in entries if x.name.startswith(e.name + "@") and x.name in checkpoint_of] + [e.name]
-        summary = Path(e.adapter_path) / "summary.json"
-        final_step = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
-        points = []
-        ref = m.get("kl_reference")
-        if ref in m["models"] and ref not in members:
-            points.append({"model": ref, "step": 0})
-        for name in members:
-            points.append({"model": name, "step": int(name.rsplit("@", 1)[1]) if name in checkpoint_of else final_step})
-        for pt in points:
-            n = pt["model"]
-            pt["kl"] = m.get("kl", {}).get(n)
-            pt["judges"] = {j: {"mean": m["judges"][j]["mean"][n], "low": m["judges"][j]["mean_ci"][n]["low"],
-                                "high": m["judges"][j]["mean_ci"][n]["high"]} for j in jnames}
-        proxy = next(((j, c) for j, c in zip(jnames, judge_cfgs) if c.trained_against), None)
-        best = None
-        if proxy is not None:
-            sign = -1.0 if proxy[1].lower_is_better else 1.0
-            best = max(members, key=lambda n: sign * m["judges"][proxy[0]]["mean"][n])
-        curves[e.name] = {"points": points, "proxy": proxy[0] if proxy else None, "best": best}
-    return curves
-
-
 def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed: int, progress: bool,
                      desc: str) -> tuple[list[str], list[list[int]]]:
     """(texts, sampled token ids) per prompt, so KL is computed on the tokens actually sampled."""
@@ -572,6 +475,103 @@ def compare(names: list[str], judge: dict[str, list[float]], elo_k: float, bt_pr
     except UserError as e:
         bt, bt_note = None, str(e)
     return {"win_rate": win, "elo": elo, "bradley_terry": bt, "bradley_terry_note": bt_note, "wins": W.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Confidence intervals (paired bootstrap over prompts, metrics.paired_bootstrap), judges, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class Bootstrap:
+    """``boot(stat, *per_answer_lists)``: estimate and CI of ``stat`` on ``(prompts, samples)`` grids,
+    resampling prompts with all their answers (the same draws for every figure of a run)."""
+
+    def __init__(self, n_prompts: int, per_prompt: int, n_resamples: int, seed: int, level: float):
+        self.shape, self.n_resamples, self.seed, self.level = (n_prompts, per_prompt), n_resamples, seed, level
+
+    def __call__(self, stat, *lists) -> dict[str, float]:
+        grids = [np.asarray(v, dtype=np.float64).reshape(self.shape) for v in lists]  # (P, k) each
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return M.paired_bootstrap(stat, *grids, n_resamples=self.n_resamples, seed=self.seed, level=self.level)
+
+
+def _diff(b: np.ndarray, a: np.ndarray) -> float:
+    return float(a.mean() - b.mean())
+
+
+def _ratio(b: np.ndarray, a: np.ndarray) -> float:
+    return float(a.mean() / b.mean())
+
+
+def _win_rate(b: np.ndarray, a: np.ndarray) -> float:
+    return float(((a > b) + 0.5 * (a == b)).mean())  # ties count one half
+
+
+def _perplexity_ratio(nll_b: np.ndarray, n_b: np.ndarray, nll_a: np.ndarray, n_a: np.ndarray) -> float:
+    return math.exp(nll_a.sum() / n_a.sum() - nll_b.sum() / n_b.sum())
+
+
+def _improvement_pct(lower_is_better: bool, of=np.mean):
+    """Change of ``of`` (mean or std) from b to a in percent of b, positive when it got better."""
+    def stat(b: np.ndarray, a: np.ndarray) -> float:
+        before, after = np.float64(of(b)), np.float64(of(a))  # numpy division: 0 gives inf/nan, left out
+        return float(100.0 * ((before - after) if lower_is_better else (after - before)) / abs(before))
+    return stat
+
+
+def judge_summary(jc: EvalJudgeConfig, scores: dict[str, list[float]], names: list[str], boot: Bootstrap) -> dict:
+    """One judge's figures: per model mean (with CI), std and share above the threshold; per model
+    after the baseline the change of each, with its paired CI (percent of the baseline's mean and
+    std, positive = better; share in percentage points)."""
+    thr = jc.threshold
+    base = scores[names[0]]
+    out = {"kind": jc.kind, "trained_against": jc.trained_against, "threshold": thr,
+           "higher_is": "toxic" if jc.lower_is_better else "better",
+           "mean": {n: float(np.mean(scores[n])) for n in names},
+           "mean_ci": {n: boot(lambda a: float(a.mean()), scores[n]) for n in names},
+           "std": {n: float(np.std(scores[n])) for n in names},
+           "share_above": {n: M.share_above(scores[n], thr) for n in names}, "change": {}}
+    for n in names[1:]:
+        out["change"][n] = {
+            "mean_improvement_pct": boot(_improvement_pct(jc.lower_is_better), base, scores[n]),
+            "std_improvement_pct": boot(_improvement_pct(jc.lower_is_better, np.std), base, scores[n]),
+            "share_above_change_pts": boot(lambda b, a: 100.0 * (float((a > thr).mean()) - float((b > thr).mean())),
+                                           base, scores[n]),
+        }
+    return out
+
+
+def checkpoint_curves(models: list[EvalModelConfig], entries: list[EvalModelConfig], checkpoint_of: dict,
+                      m: dict, judge_cfgs: list[EvalJudgeConfig], jnames: list[str]) -> dict:
+    """For every ``checkpoints: true`` model: its checkpoints and final model in step order, each with
+    KL to the reference and every judge's mean (with CI), preceded by the KL reference itself (KL 0)
+    when it is in the list; and the best by the trained-against judge (the proxy reward): the
+    over-optimisation curve of Gao et al. (2022)."""
+    curves = {}
+    for e in models:
+        if not e.checkpoints:
+            continue
+        members = [x.name for x in entries if x.name.startswith(e.name + "@") and x.name in checkpoint_of] + [e.name]
+        summary = Path(e.adapter_path) / "summary.json"
+        final_step = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+        points = []
+        ref = m.get("kl_reference")
+        if ref in m["models"] and ref not in members:
+            points.append({"model": ref, "step": 0})
+        for name in members:
+            points.append({"model": name, "step": int(name.rsplit("@", 1)[1]) if name in checkpoint_of else final_step})
+        for pt in points:
+            n = pt["model"]
+            pt["kl"] = m.get("kl", {}).get(n)
+            pt["judges"] = {j: {"mean": m["judges"][j]["mean"][n], "low": m["judges"][j]["mean_ci"][n]["low"],
+                                "high": m["judges"][j]["mean_ci"][n]["high"]} for j in jnames}
+        proxy = next(((j, c) for j, c in zip(jnames, judge_cfgs) if c.trained_against), None)
+        best = None
+        if proxy is not None:
+            sign = -1.0 if proxy[1].lower_is_better else 1.0
+            best = max(members, key=lambda n: sign * m["judges"][proxy[0]]["mean"][n])
+        curves[e.name] = {"points": points, "proxy": proxy[0] if proxy else None, "best": best}
+    return curves
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1173,4 +1173,5 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 __all__ = ["Config", "EvalModelConfig", "run", "summarize", "generate_samples", "sampled_kl", "token_kl",
-           "sequence_logps", "compare"]
+           "sequence_logps", "compare", "answer_nll", "relevance_uncopied", "load_trainable", "expand_checkpoints",
+           "checkpoint_curves", "judge_summary", "Bootstrap"]
