@@ -667,7 +667,8 @@ def change_panels(m: dict, jnames: list[str]) -> dict[str, dict[str, dict]]:
 
 
 def bars_png(panels: dict[str, dict[str, dict]]) -> bytes:
-    """One bar chart per panel; error bars span each value's confidence interval."""
+    """One panel per figure: each model's estimate as a point, its confidence interval as the error
+    bar, and a grey line at "no change" (a point plot: ratios and win rates do not start at 0)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(3.2 * len(panels), 3.6))
@@ -678,7 +679,11 @@ def bars_png(panels: dict[str, dict[str, dict]]) -> bytes:
         low = np.array([vals[n]["low"] for n in names], dtype=float)
         high = np.array([vals[n]["high"] for n in names], dtype=float)
         err = np.nan_to_num(np.vstack([est - low, high - est]).clip(min=0))  # (2, n)
-        ax.bar(range(len(names)), est, yerr=err, capsize=4, color=[f"C{i + 1}" for i in range(len(names))])
+        for i in range(len(names)):
+            ax.errorbar([i], est[i:i + 1], yerr=err[:, i:i + 1], fmt="o", capsize=5, color=f"C{i + 1}")
+        if not np.isfinite(est).any():
+            ax.text(0.5, 0.5, "undefined\n(the baseline scores 0)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.axhline(1.0 if "ratio" in title else 0.5 if title.startswith("win rate") else 0.0,
                    color="grey", linewidth=0.8)  # no change
