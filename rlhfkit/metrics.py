@@ -4,13 +4,18 @@
   the detoxification recipe reports it ("mean toxicity -9.08%, std -28.75%");
 * ``elo_ratings``, ``bradley_terry``, ``win_rate``: comparisons of two or more models;
 * ``rouge``: ROUGE-1/2/L F-measures (Lin, 2004) with Google's ``rouge_score``;
-* ``semantic_relevance``: cosine similarity of sentence embeddings (all-MiniLM-L6-v2).
+* ``semantic_relevance``: cosine similarity of sentence embeddings (all-MiniLM-L6-v2);
+* ``paired_bootstrap``: percentile confidence intervals of any before/after statistic, resampling
+  prompts (with all their answers) with replacement;
+* ``share_above``, ``perplexity``, ``copy_rate`` / ``strip_copied``: toxic share, fluency and
+  copying of answers.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Hashable, Mapping, Optional, Sequence
+import re
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -195,19 +200,28 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
 def rouge(predictions: Sequence[str], references: Sequence[str],
           types: Sequence[str] = ("rouge1", "rouge2", "rougeL")) -> dict[str, float]:
     """Mean ROUGE F-measures over pairs (``rouge_score`` with the Porter stemmer)."""
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise UserError(f"rouge: {len(predictions)} predictions for {len(references)} references")
     if not len(predictions):
         raise UserError("rouge needs at least one prediction")
+    pairs = rouge_pairs(predictions, references, types)
+    return {t: float(np.mean(v)) for t, v in pairs.items()}
+
+
+def rouge_pairs(predictions: Sequence[str], references: Sequence[str],
+                types: Sequence[str] = ("rouge1", "rouge2", "rougeL")) -> dict[str, list[float]]:
+    """ROUGE F-measure of every (prediction, reference) pair, per type (for confidence intervals)."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise UserError(f"rouge: {len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
-    totals = {t: 0.0 for t in types}
+    out: dict[str, list[float]] = {t: [] for t in types}
     for pred, ref in zip(predictions, references):
         scores = scorer.score(ref, pred)  # score(target, prediction)
         for t in types:
-            totals[t] += scores[t].fmeasure
-    return {t: v / len(predictions) for t, v in totals.items()}
+            out[t].append(scores[t].fmeasure)
+    return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -266,7 +280,100 @@ def semantic_relevance(texts: Sequence[str], sources: Sequence[str], model_path:
     return float(np.mean(sims))
 
 
+# --------------------------------------------------------------------------------------------
+# Confidence intervals, shares, fluency, copying
+# --------------------------------------------------------------------------------------------
+
+
+def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, n)`` indices drawn uniformly with replacement from ``range(n)``
+    (``numpy.random.default_rng(seed).integers``): one row per bootstrap resample."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def paired_bootstrap(stat: Callable[..., float], *groups: Any, n_resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Paired percentile bootstrap (Efron & Tibshirani, 1993) of ``stat(*groups)``.
+
+    Every array in ``groups`` has one row per prompt on axis 0 (e.g. ``(P, k)`` scores of k answers
+    per prompt); a resample draws P prompts with replacement and takes the same rows from every
+    array, so before/after pairs (and a prompt's k answers) stay together. Returns ``estimate`` =
+    ``stat`` on the data, and ``low``/``high``, the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    percentiles (numpy's linear interpolation) of ``stat`` over the resamples; resamples where
+    ``stat`` is not finite (e.g. a zero denominator) are left out.
+    """
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    if not arrays or any(a.shape[0] != arrays[0].shape[0] for a in arrays):
+        raise UserError("paired_bootstrap: every group needs the same number of rows (prompts)")
+    if not 0 < level < 1:
+        raise UserError(f"paired_bootstrap: level must be in (0, 1), got {level}")
+    estimate = float(stat(*arrays))
+    idx = bootstrap_indices(arrays[0].shape[0], n_resamples, seed)  # (B, P)
+    values = np.array([stat(*(a[i] for a in arrays)) for i in idx], dtype=np.float64)  # (B,)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"estimate": estimate, "low": float("nan"), "high": float("nan")}
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return {"estimate": estimate, "low": float(low), "high": float(high)}
+
+
+def share_above(values: Sequence[float], threshold: float = 0.5) -> float:
+    """Fraction of values strictly above ``threshold`` (e.g. answers with p(toxic) > 0.5)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise UserError("share_above needs at least one value")
+    return float((v > threshold).mean())
+
+
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
+    """Corpus perplexity ``exp(sum of token NLLs / number of tokens)`` of a set of answers, from each
+    answer's summed negative log-likelihood (nats) and token count: every token weighs the same."""
+    total = float(np.sum(token_counts))
+    if total <= 0:
+        raise UserError("perplexity needs at least one scored token")
+    return math.exp(float(np.sum(nll_sums)) / total)
+
+
+_WORD = re.compile(r"[\w']+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (runs of letters, digits, ``_`` and ``'``); punctuation is dropped."""
+    return _WORD.findall(text.lower())
+
+
+def _ngram_set(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def copy_rate(answer: str, prompt: str, n: int = 4) -> float:
+    """Share of the answer's word n-grams (with repeats) that occur verbatim in the prompt
+    (case and punctuation ignored, see :func:`words`). An answer shorter than n words has no
+    n-gram and gets 0."""
+    if n < 1:
+        raise UserError(f"copy_rate: n must be >= 1, got {n}")
+    a = words(answer)
+    grams = [tuple(a[i:i + n]) for i in range(len(a) - n + 1)]
+    if not grams:
+        return 0.0
+    seen = _ngram_set(words(prompt), n)
+    return sum(g in seen for g in grams) / len(grams)
+
+
+def strip_copied(answer: str, prompt: str, n: int = 4) -> str:
+    """The answer's words that are not inside any word n-gram copied verbatim from the prompt,
+    joined by spaces: what is left to judge once the quoting is taken out."""
+    a = words(answer)
+    seen = _ngram_set(words(prompt), n)
+    copied = [False] * len(a)
+    for i in range(len(a) - n + 1):
+        if tuple(a[i:i + n]) in seen:
+            copied[i:i + n] = [True] * n
+    return " ".join(w for w, c in zip(a, copied) if not c)
+
+
 __all__ = [
     "improvement", "toxicity_change", "elo_expected", "elo_ratings", "bradley_terry", "win_rate",
-    "rouge", "embed", "semantic_relevance", "semantic_relevance_pairs",
+    "rouge", "rouge_pairs", "embed", "semantic_relevance", "semantic_relevance_pairs", "bootstrap_indices",
+    "paired_bootstrap", "share_above", "perplexity", "words", "copy_rate", "strip_copied",
 ]

@@ -561,8 +561,8 @@ def build_emotion(chatter: list[Text], n_lines: int = 80, n_test_lines: int = 20
 
 SCHEMAS = {
     "dialogsum_small.jsonl": ["id", "dialogue", "summary", "topic"],
-    "tldr_small.jsonl": ["subreddit", "title", "post", "summary"],
-    "tldr_comparisons.jsonl": ["prompt", "chosen", "rejected"],
+    "tldr_small.jsonl": ["subreddit", "title", "post", "summary", "split"],
+    "tldr_comparisons.jsonl": ["prompt", "chosen", "rejected", "split"],
     "detox_prompts.jsonl": ["prompt", "source", "source_toxicity", "split"],
     "toxicity_prefs.jsonl": ["prompt", "chosen", "rejected", "chosen_toxicity", "rejected_toxicity"],
     "toxicity_prefs_test.jsonl": ["prompt", "chosen", "rejected", "chosen_toxicity",

@@ -54,6 +54,9 @@ def file_config(data: str, out: Path, **extra) -> dict:
         "rewards": [{"kind": "python", "function": "reward_fns_example:n_chars", "name": "chars"},
                     {"kind": "length", "min_words": 3, "max_words": 8}],
         "judge": "chars",
+        "judges": [{"kind": "profanity_check", "trained_against": True}, {"kind": "wordlist"}],
+        "copy_ngram": 2,
+        "win_rates": ["total-length", "length"],
         "output_dir": str(out),
         "progress": False,
     }
@@ -166,7 +169,7 @@ def test_files_samples_report_plots(file_eval):
     assert [line.split(" | ")[0] for line in table] == ["| 2", "| 1", "| 3", "| 4"]
     assert [float(line.rstrip(" |").split(" | ")[-1]) for line in table] == [5, 2, 0, -40]
     assert ROWS[1]["before"] in table[0] and ROWS[1]["after"] in table[0]
-    for png in ("reward_hist.png", "toxicity_hist.png", "models.png"):
+    for png in ("reward_hist.png", "toxicity_cdf.png", "models.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_SIGNATURE)
         assert imread(out / png).shape[0] > 100
@@ -234,7 +237,7 @@ def test_generation_and_sampled_kl(tiny_llama, lora_adapter, tmp_path):
     m = evaluate.run(cfg)
     assert m["kl"]["before"] == 0.0 and abs(m["kl"]["same"]) < 1e-6
     assert m["kl"]["lora"] > 0 and m["kl"]["other"] > 0
-    assert m["judge"] == "toxicity" and m["kl_reference"] == "before"
+    assert m["judge"] == "profanity_check" and m["kl_reference"] == "before"  # the first (default) judge
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
@@ -275,9 +278,10 @@ def test_cli_bad_config_and_bad_reward_exit_2(tmp_path):
     res = _run_cli(bad, tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
-        "error: judge 'charz' is not a configured score; choose one of ['total', 'chars', 'length', 'toxicity']")
+        "error: judge 'charz' is not a configured score; choose one of ['total', 'chars', 'length', 'profanity_check', 'wordlist']")
     wrong = file_config(data, tmp_path / "o", rewards=[{"kind": "python", "function": "reward_fns_example:wrong_count"}])
     wrong.pop("judge")
+    wrong.pop("win_rates")
     res = _run_cli(write_config(tmp_path / "wrong.yaml", wrong), tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
@@ -294,8 +298,14 @@ def test_cli_bad_config_and_bad_reward_exit_2(tmp_path):
     ({"kl_reference": "nobody"}, "kl_reference 'nobody' is not a model name"),
     ({"kl_reference": "before"}, "kl_reference 'before' has no 'model'"),
     ({"toxicity": "perspective"}, "toxicity must be 'profanity_check', 'hatesonar' or null"),
+    ({"judges": [{"kind": "classifier"}]}, "judges: 'classifier' (kind classifier) needs 'model'"),
+    ({"judges": [{"kind": "hatesonar"}, {"kind": "hatesonar"}]}, "judges: names must be distinct"),
+    ({"judges": [{"kind": "perspective"}]}, "judges"),
+    ({"perplexity_scorer": "nobody"}, "perplexity_scorer 'nobody' is not a model name"),
+    ({"copy_ngram": 0}, "copy_ngram must be >= 1"),
+    ({"win_rates": ["total-chars-x"]}, "win_rates: 'total-chars-x' is not a configured score"),
     ({"modles": []}, "unknown key 'modles'; did you mean 'models'?"),
-    ({"rewards": [{"kind": "python", "function": "reward_fns_example:returns_nan"}], "judge": None},
+    ({"rewards": [{"kind": "python", "function": "reward_fns_example:returns_nan"}], "judge": None, "win_rates": []},
      "reward 'python:reward_fns_example:returns_nan' returned nan for completion 0"),
 ])
 def test_bad_input_names_the_problem(change, message, tmp_path, capsys, monkeypatch):
@@ -411,7 +421,7 @@ def test_samples_per_prompt_scores_every_sample(tiny_llama, tmp_path):
     p = predict_prob(expected)
     assert m["toxicity"]["before"]["mean"] == pytest.approx(float(np.mean(p)), abs=1e-9)  # over all 9, not per prompt
     assert m["toxicity"]["before"]["std"] == pytest.approx(float(np.std(p)), abs=1e-9)
-    assert "3 prompts x 3 samples" in (tmp_path / "out" / "report.md").read_text()
+    assert "3 prompts x 3 answers" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.unit
@@ -427,3 +437,113 @@ def test_samples_per_prompt_config_errors(extra, message, tiny_llama, tmp_path):
            "samples_per_prompt": 2, **extra}
     with pytest.raises(ConfigError, match=message):
         load_config(evaluate.Config, write_config(tmp_path / "e.yaml", cfg))
+
+
+# ---- judges, confidence intervals, copying, perplexity ----
+
+@pytest.mark.unit
+def test_judges_share_and_bootstrap_cis_by_hand(file_eval):
+    m, _, cfg = file_eval
+    wl = m["judges"]["wordlist"]
+    # better-profanity's list: 'fucking' (row 1) and 'damn'/'shit' (row 2) of before; nothing listed elsewhere
+    assert wl["mean"] == {"before": 0.5, "mid": 0.0, "after": 0.0} and wl["share_above"]["before"] == 0.5
+    assert wl["trained_against"] is False and m["judges"]["profanity_check"]["trained_against"] is True
+    ch = wl["change"]["after"]
+    # every resample with a listed word before drops to 0 after: 100% lower; those with none are undefined
+    assert ch["mean_improvement_pct"] == {"estimate": 100.0, "low": 100.0, "high": 100.0}
+    assert ch["share_above_change_pts"]["estimate"] == -50.0
+    before, after = np.array([[1.0], [1.0], [0.0], [0.0]]), np.zeros((4, 1))
+    ref = M.paired_bootstrap(lambda b, a: 100 * ((a > 0.5).mean() - (b > 0.5).mean()), before, after,
+                             n_resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    assert ch["share_above_change_pts"] == pytest.approx(ref)
+    assert -100.0 <= ref["low"] < -50 < ref["high"] <= 0.0
+    # win rate under chars (after vs before: 1, 1, 0.5, 0 per row) with its CI over the four prompts
+    wr = m["win_rate_ci"]["after"]
+    assert wr["estimate"] == pytest.approx(0.625) == m["win_rate_vs_baseline"]["after"]
+    assert wr == pytest.approx(M.paired_bootstrap(lambda o: o.mean(), np.array([[1.0], [1.0], [0.5], [0.0]]),
+                                                  n_resamples=cfg.bootstrap_resamples, seed=cfg.seed))
+    # total without the length term = characters: the same win rate; length alone (words 9, 6, 2, 9 before,
+    # 9, 7, 2, 2 after; reward 7/8, 1, 2/3, 7/8 vs 7/8, 1, 2/3, 2/3): ties, ties, ties, loss -> 1.5 / 4
+    assert m["win_rate_by"]["total-length"]["after"] == pytest.approx(wr)
+    assert m["win_rate_by"]["length"]["after"]["estimate"] == pytest.approx(0.375)
+    # reward change: characters after - before = (99 - 132) / 4
+    assert m["reward_change"]["after"]["chars"]["estimate"] == pytest.approx(-33 / 4)
+
+
+@pytest.mark.unit
+def test_copy_rate_and_relevance_without_copied_spans(file_eval):
+    m, _, _ = file_eval
+    # 2-grams of 'after' found in its prompt: 'the email' (1 of 8), 'the weather' (1 of 6), none, 'the report' (1 of 1)
+    assert m["copy_ngram"] == 2
+    assert m["copy_rate"]["after"] == pytest.approx((1 / 8 + 1 / 6 + 0 + 1) / 4)
+    # before copies only 'the report' in row 4 (1 of its 8 two-grams)
+    assert m["copy_rate"]["before"] == pytest.approx(1 / 32)
+    assert m["copy_rate_change"]["after"]["estimate"] == pytest.approx((1 / 8 + 1 / 6 + 1) / 4 - 1 / 32)
+    sources = [r["source"] for r in ROWS]
+    left = ["thank you for i will reply soon", "is sunny and warm today", ROWS[2]["after"]]
+    expected = M.semantic_relevance_pairs(left, sources[:3]) + [0.0]  # row 4 is all quote: nothing left, 0
+    assert m["relevance_uncopied"]["after"] == pytest.approx(float(np.mean(expected)), abs=1e-5)
+    no_copy = [r["before"] for r in ROWS[:3]]  # rows 1-3 of before copy nothing: their relevance is unchanged
+    assert m["relevance_uncopied"]["before"] == pytest.approx(float(np.mean(
+        M.semantic_relevance_pairs(no_copy, sources[:3]) + M.semantic_relevance_pairs(
+            ["the committee met and agreed to publish"], sources[3:]))), abs=1e-5)
+
+
+@pytest.mark.unit
+def test_perplexity_is_exp_of_mean_token_nll_and_cut_share(tiny_llama, lora_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.config import GenerationConfig
+
+    prompts = ["the cat sees", "a dog runs to the", "hello friend", "the sun"]
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    gen = {"max_new_tokens": 6, "batch_size": 4}
+    cfg = load_config(evaluate.Config, write_config(tmp_path / "e.yaml", {
+        "models": [{"name": "before", "model": {"name_or_path": tiny_llama}},
+                   {"name": "lora", "model": {"name_or_path": tiny_llama}, "adapter_path": lora_adapter}],
+        "data": {"path": data, "chat_template": "false"}, "generation": gen, "seed": 3, "judges": [],
+        "rewards": [{"kind": "length", "min_words": 1, "max_words": 3}],
+        "output_dir": str(tmp_path / "out"), "progress": False}))
+    m = evaluate.run(cfg)
+    assert m["perplexity_scorer"] == "before" and "judges" not in m
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    lora, _ = evaluate.load_entry(cfg.models[1].model, lora_adapter, torch.device("cpu"))
+    _, ids = evaluate.generate_samples(lora, tok, prompts, GenerationConfig(**gen), seed=3, progress=False, desc="x")
+    nll, count = 0.0, 0
+    for p, r in zip(prompts, ids):  # a plain forward of the scorer (the base) over prompt + the lora's tokens
+        full = tok(p)["input_ids"] + r
+        with torch.no_grad():
+            lp = torch.log_softmax(base(torch.tensor([full])).logits[0].double(), -1)  # (T, V)
+        start = len(full) - len(r)
+        nll -= sum(float(lp[t - 1, full[t]]) for t in range(start, len(full)))
+        count += len(r)
+    assert m["perplexity"]["lora"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    ratio = m["perplexity_ratio"]["lora"]
+    assert ratio["estimate"] == pytest.approx(m["perplexity"]["lora"] / m["perplexity"]["before"], rel=1e-6)
+    assert ratio["low"] <= ratio["estimate"] <= ratio["high"]
+    cut = [float(len(r) == 6 and r[-1] != tok.eos_token_id) for r in ids]
+    assert m["cut_at_cap"]["lora"] == pytest.approx(np.mean(cut))
+    # with the scorer as the KL reference, the reference's pass of the sampled KL gives the same perplexity
+    cfg.kl_reference, cfg.output_dir = "before", str(tmp_path / "out2")
+    m2 = evaluate.run(cfg)
+    assert m2["perplexity"] == pytest.approx(m["perplexity"], rel=1e-9) and m2["kl"]["lora"] > 0
+
+
+@pytest.mark.unit
+def test_wordlist_and_classifier_judges(tmp_path, tiny_dir):
+    from rlhfkit.rewards import EvalJudgeConfig, build_judge, classifier_logits
+    from rlhfkit.tiny import save_tiny
+
+    wl = build_judge(EvalJudgeConfig(kind="wordlist"))
+    # whole words only ('classic' holds no listed word), case and punctuation ignored, multi-word entries
+    assert wl(["p"] * 4, ["What the HELL, you moron!", "a classic idea", "Shit.", "2 girls 1 cup"]) == [1.0, 0.0, 1.0, 1.0]
+    bert = save_tiny("bert", tiny_dir / "judge-bert")
+    texts = ["the cat", "a dog runs", "hello"]
+    clf = build_judge(EvalJudgeConfig(kind="classifier", model=bert, output="probability"))
+    logits = classifier_logits(bert, texts)[:, 0]  # one-logit head: probability = sigmoid(logit)
+    assert clf(["p"] * 3, texts) == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-6)
+    raw = build_judge(EvalJudgeConfig(kind="classifier", model=bert, output="logit"))
+    assert raw(["p"] * 3, texts) == pytest.approx(logits.tolist(), abs=1e-6)
+    assert EvalJudgeConfig(kind="reward_model", model=bert).lower_is_better is False
+    assert EvalJudgeConfig(kind="classifier", model=bert).lower_is_better is True

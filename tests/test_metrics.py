@@ -6,8 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 
+from rlhfkit import metrics as M
 from rlhfkit.config import UserError
 from rlhfkit.metrics import (
     bradley_terry, elo_ratings, embed, improvement, rouge, semantic_relevance, semantic_relevance_pairs,
@@ -105,3 +107,73 @@ def test_semantic_relevance():
     assert sims == pytest.approx([float(e[0] @ e[1]), float(e[0] @ e[2])], abs=1e-5)
     assert semantic_relevance([text, text], [text, "The stock market fell sharply today."]) == pytest.approx(
         (1.0 + sims[1]) / 2, abs=1e-5)
+
+
+# ---- confidence intervals, shares, perplexity, copying ----
+
+@pytest.mark.unit
+def test_bootstrap_indices_and_percentiles_by_hand():
+    # numpy's default_rng(0).integers(0, 3, (4, 3)): the four resamples of three prompts
+    idx = M.bootstrap_indices(3, 4, seed=0)
+    assert idx.tolist() == [[2, 1, 1], [0, 0, 0], [0, 0, 0], [2, 1, 2]]
+    # per-prompt differences 0, 1, 3: resample means 5/3, 0, 0, 7/3 -> sorted 0, 0, 5/3, 7/3;
+    # 25th / 75th percentiles (linear, positions 0.75 and 2.25): 0 and 5/3 + 0.25 (7/3 - 5/3) = 11/6
+    before = np.array([1.0, 1.0, 1.0])
+    after = np.array([1.0, 2.0, 4.0])
+    ci = M.paired_bootstrap(lambda b, a: (a - b).mean(), before, after, n_resamples=4, seed=0, level=0.5)
+    assert ci == {"estimate": pytest.approx(4 / 3), "low": pytest.approx(0.0), "high": pytest.approx(11 / 6)}
+
+
+@pytest.mark.unit
+def test_bootstrap_is_paired_and_keeps_a_prompts_answers_together():
+    # every prompt improves by exactly 0.2 (two answers each): any resample gives 0.2, so the CI is a point
+    before = np.array([[0.9, 0.7], [0.5, 0.3], [0.4, 0.2]])
+    after = before - 0.2
+    ci = M.paired_bootstrap(lambda b, a: b.mean() - a.mean(), before, after, n_resamples=200, seed=1)
+    assert ci["low"] == pytest.approx(0.2) and ci["high"] == pytest.approx(0.2)
+    # unpaired resampling would spread it: the bootstrap must resample rows of both arrays together
+    with pytest.raises(UserError, match="same number of rows"):
+        M.paired_bootstrap(lambda b, a: 0.0, before, after[:2])
+
+
+@pytest.mark.unit
+def test_bootstrap_ci_contains_the_truth_and_excludes_zero():
+    rng = np.random.default_rng(7)
+    diffs = rng.normal(0.0, 1.0, size=400)
+    diffs = diffs - diffs.mean() + 1.0  # sample mean exactly 1, standard error ~0.05
+    ci = M.paired_bootstrap(lambda d: d.mean(), diffs, n_resamples=2000, seed=0)
+    assert ci["low"] < 1.0 < ci["high"] and ci["low"] > 0.8 and ci["high"] < 1.2
+    assert ci["high"] - ci["low"] == pytest.approx(2 * 1.96 * diffs.std() / 20, rel=0.15)
+    null = M.paired_bootstrap(lambda d: d.mean(), diffs - diffs.mean(), n_resamples=2000, seed=0)
+    assert null["low"] < 0 < null["high"]
+
+
+@pytest.mark.unit
+def test_share_above_and_perplexity_by_hand():
+    assert M.share_above([0.1, 0.5, 0.51, 0.9], 0.5) == 0.5  # strictly above: 0.51 and 0.9
+    # answers of 2 and 3 tokens with summed NLL 2 and 4 nats: exp(6 / 5)
+    assert M.perplexity([2.0, 4.0], [2, 3]) == pytest.approx(math.exp(1.2))
+    with pytest.raises(UserError):
+        M.perplexity([], [])
+
+
+@pytest.mark.unit
+def test_copy_rate_and_strip_copied_by_hand():
+    prompt = "Rewrite this: I hope that you die."
+    # 10 words, 7 four-grams; in the prompt: 'i hope that you', 'hope that you die' (each twice) -> 4/7
+    assert M.copy_rate("I hope that you die. I hope that you die!", prompt) == pytest.approx(4 / 7)
+    assert M.copy_rate("I hope that you die", prompt) == 1.0
+    assert M.copy_rate("I wish you a good day today", prompt) == 0.0
+    assert M.copy_rate("hope that you", prompt) == 0.0  # 3 words: no 4-gram
+    assert M.copy_rate("hope that you", prompt, n=2) == 1.0
+    assert M.strip_copied("Well, I hope that you die today", prompt) == "well today"
+    assert M.strip_copied("Have a nice day", prompt) == "have a nice day"
+
+
+@pytest.mark.unit
+def test_rouge_pairs_average_to_rouge():
+    preds, refs = ["the cat sat", "a dog"], ["the cat sat on the mat", "a dog barks"]
+    pairs = M.rouge_pairs(preds, refs)
+    # ROUGE-1 F: 2 * 1 * 0.5 / 1.5 = 2/3 (3 of 3 vs 3 of 6 words); 2 * 1 * (2/3) / (5/3) = 0.8
+    assert pairs["rouge1"] == pytest.approx([2 / 3, 0.8])
+    assert M.rouge(preds, refs)["rouge1"] == pytest.approx((2 / 3 + 0.8) / 2)

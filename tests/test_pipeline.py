@@ -29,6 +29,10 @@ def test_summarize_pipeline_on_tiny_models_skips_finished_stages(tiny_llama, tin
             f"reward.model.name_or_path={bert}", "reward.train.max_steps=3",
             f"ppo.model.name_or_path={tiny_llama}", "ppo.train.max_steps=2", "ppo.generation.max_new_tokens=6",
             "ppo.model.max_length=256", "ppo.data.max_prompt_length=200", "sft.data.max_prompt_length=200",
+            f"eval.models=[{{name: sft, model: {{name_or_path: '{tiny_llama}'}}, adapter_path: '{tmp_path / 'pipe/sft'}'}}, "
+            f"{{name: ppo, model: {{name_or_path: '{tiny_llama}'}}, adapter_path: '{tmp_path / 'pipe/ppo'}'}}]",
+            "eval.data.max_rows=5", "eval.generation.max_new_tokens=6", "eval.samples_per_prompt=2",
+            "eval.data.max_prompt_length=200", "eval.bootstrap_resamples=100", "eval.progress=false",
             f"output_dir={tmp_path / 'pipe'}"]
     # output_dir is a pipeline key, not a stage override: pass it through a copy of the file
     cfg = yaml.safe_load((ROOT / "examples/summarize_from_feedback.yaml").read_text())
@@ -43,10 +47,25 @@ def test_summarize_pipeline_on_tiny_models_skips_finished_stages(tiny_llama, tin
     assert ppo_summary["reference"] == "adapter"  # KL to the SFT adapter, not the bare base
     assert ppo_summary["steps"] == 2
     assert (tmp_path / "pipe/reward/reward_stats.json").exists()
-    mtimes = {s: (tmp_path / f"pipe/{s}/summary.json").stat().st_mtime for s in ("sft", "reward", "ppo")}
+    # the eval stage: SFT vs PPO on held-out posts, ROUGE and the normalised reward with CIs
+    m = json.loads((tmp_path / "pipe/eval/metrics.json").read_text())
+    assert m["models"] == ["sft", "ppo"] and m["prompts"] == 5 and m["judge"] == "normalized_reward"
+    samples = [json.loads(x) for x in (tmp_path / "pipe/eval/samples.jsonl").read_text().splitlines()]
+    test_summaries = [json.loads(x)["summary"] for x in (ROOT / "examples/data/tldr_small.jsonl").read_text().splitlines()
+                      if json.loads(x)["split"] == "test"]
+    assert [s["reference"] for s in samples if s["sample"] == 0] == [test_summaries[s["index"]] for s in samples
+                                                                     if s["sample"] == 0]
+    for key in ("rouge1", "rouge2", "rougeL", "rouge_avg"):
+        c = m["rouge_change"]["ppo"][key]
+        assert c["estimate"] == pytest.approx(m["rouge"]["ppo"][key] - m["rouge"]["sft"][key])
+        assert c["low"] <= c["estimate"] <= c["high"]
+    r = m["reward_change"]["ppo"]["normalized_reward"]
+    means = {n: m["reward"][n]["normalized_reward"] for n in ("sft", "ppo")}
+    assert r["estimate"] == pytest.approx(means["ppo"] - means["sft"]) and r["low"] <= r["estimate"] <= r["high"]
+    mtimes = {s: (tmp_path / f"pipe/{s}/summary.json").stat().st_mtime for s in ("sft", "reward", "ppo", "eval")}
     r2 = cli("run", str(tmp_path / "p.yaml"), *over[:-1])
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stderr.count("already finished") == 3
+    assert r2.stderr.count("already finished") == 4
     assert mtimes == {s: (tmp_path / f"pipe/{s}/summary.json").stat().st_mtime for s in mtimes}
 
 
@@ -79,6 +98,17 @@ def test_demo_quick(tmp_path):
     report = (out / "report.md").read_text()
     assert "![PPO reward and KL](ppo_curves.png)" in report
     assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the training judge and two held-out judges, each with its CI; fluency, copying, wall time, targets
+    assert headline["training_judge"] == "profanity_check" and sorted(headline["held_out"]) == ["hatesonar", "wordlist"]
+    ch = m["judges"]["profanity_check"]["change"]["after"]["mean_improvement_pct"]
+    assert headline["mean_improvement_ci"] == [ch["low"], ch["high"]] and ch["low"] <= ch["estimate"] <= ch["high"]
+    assert headline["perplexity_ratio"] == pytest.approx(m["perplexity"]["after"] / m["perplexity"]["before"])
+    assert headline["copy_rate_after"] == pytest.approx(sum(s["copy_rate"]["after"] for s in samples) / 32)
+    assert 0 < headline["wall_seconds"] and "Total wall time of this command" in report
+    for line in ("| **profanity_check** (trained against) |", "| hatesonar (held out) |", "| wordlist (held out) |",
+                 "| perplexity under `before` |", "| at most 15 minutes |"):
+        assert line in report
+    assert "![toxicity_cdf.png](eval/toxicity_cdf.png)" in report and "![models.png](eval/models.png)" in report
 
 
 @pytest.mark.unit
@@ -103,7 +133,7 @@ def test_eval_stage_writes_summary_and_is_skipped_on_rerun(tiny_llama, tmp_path,
     tox = [float(p) for p in predict_prob([r["ref"] for r in rows])]
     assert summary["command"] == "eval" and summary["prompts"] == 3 and summary["models"] == ["file", "tiny"]
     assert summary["toxicity_mean"]["file"] == pytest.approx(sum(tox) / 3)
-    assert summary["judge"] == "toxicity" and summary["judge_mean"]["file"] == pytest.approx(1 - sum(tox) / 3)
+    assert summary["judge"] == "profanity_check" and summary["judge_mean"]["file"] == pytest.approx(1 - sum(tox) / 3)
     assert first["ev"]["toxicity"]["file"]["mean"] == pytest.approx(sum(tox) / 3)  # run() still returns metrics
     mtime = (out / "metrics.json").stat().st_mtime_ns
 

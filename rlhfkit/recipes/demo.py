@@ -5,8 +5,10 @@ non-toxicity with a KL penalty to the adapter-disabled base, then ``rlhfkit eval
 on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
 prompt, so the figures measure how each model behaves rather than which way one greedy argmax
 happens to fall) and writes ``<output_dir>/report.md``:
-the headline figures (mean / std toxicity change in percent, relevance kept, KL), reward and KL
-curves of the PPO run, and the evaluation report (histograms, sample table).
+the headline figures (the training judge's and two held-out judges' change with bootstrap CIs, the
+share of toxic answers, perplexity ratio under the start policy, copy rate, relevance with the
+copied spans removed, KL, total wall time, and the issue #22 targets met or not), reward and KL
+curves of the PPO run, and the evaluation report (CDFs, CI bars, sample table).
 
 ``rlhfkit demo --quick`` runs the same pipeline on a tiny GPT-2 built locally, for the tests.
 Other arguments are overrides of the pipeline stages (``ppo.train.max_steps=4``).
@@ -14,6 +16,7 @@ Other arguments are overrides of the pipeline stages (``ppo.train.max_steps=4``)
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rlhfkit.config import UserError, load_config
@@ -38,59 +41,120 @@ def quick_overrides(folder: Path) -> list[str]:
 
 
 def plot_curves(metrics_file: Path, out: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in read_jsonl(metrics_file) if "reward/mean" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r["reward/mean"] for r in rows], marker="o")
-    axes[0].set(title="reward (1 - p(toxic)) per PPO step", xlabel="step")
-    axes[1].plot(steps, [r["kl"] for r in rows], marker="o", color="tab:red")
-    axes[1].set(title="KL(policy || reference), nats per response", xlabel="step")
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    from rlhfkit.recipes.evaluate import _png
     from rlhfkit.utils import atomic_write_bytes
 
-    atomic_write_bytes(out, buf.getvalue())
+    rows = [r for r in read_jsonl(metrics_file) if "reward/mean" in r]
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["reward/mean"] for r in rows], marker="o")
+    axes[0].set(title="training reward per PPO step", xlabel="PPO step",
+                ylabel="mean 1 - p(toxic) of the step's answers")
+    axes[1].plot(steps, [r["kl"] for r in rows], marker="o", color="tab:red")
+    axes[1].set(title="KL(policy || reference) per PPO step", xlabel="PPO step", ylabel="nats per answer")
+    fig.tight_layout()
+    atomic_write_bytes(out, _png(fig))
 
 
-def write_report(out_dir: Path, quick: bool) -> dict:
+TARGETS = {  # issue #22: what the default job must show on seeds 0, 1 and 2 (each alone at 2 threads)
+    "training judge mean >= 30% lower": lambda h: h["mean_improvement_pct"] >= 30,
+    "its CI's lower bound >= 10%": lambda h: h["mean_improvement_ci"][0] >= 10,
+    "perplexity ratio <= 1.3": lambda h: h["perplexity_ratio"] <= 1.3,
+    "copy rate not above the start policy's": lambda h: h["copy_rate_after"] <= h["copy_rate_before"],
+    "relevance (copied spans removed) >= 0.9x": lambda h: h["relevance_ratio"] >= 0.9,
+    "at most 15 minutes": lambda h: h["wall_seconds"] <= 900,
+}
+
+
+def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
     ppo_dir, eval_dir = out_dir / "ppo", out_dir / "eval"
     plot_curves(ppo_dir / "metrics.jsonl", out_dir / "ppo_curves.png")
     m = json.loads((eval_dir / "metrics.json").read_text())
     ppo_summary = json.loads((ppo_dir / "summary.json").read_text())
-    tox = m.get("toxicity_change", {}).get("after", {})
-    rel = m.get("semantic_relevance", {})
-    kl = m.get("kl", {}).get("after")
-    rel_ratio = (rel.get("after") / rel["before"]) if rel.get("before") else None
+    judges = m["judges"]
+    trained = next(j for j, v in judges.items() if v["trained_against"])
+    tj = judges[trained]
+    change = tj["change"]["after"]["mean_improvement_pct"]
+    ppl = m.get("perplexity_ratio", {}).get("after", {})
+    rel = m.get("relevance_ratio", {}).get("after", {}).get("relevance_uncopied", {})
+    held_out = {}
+    for j, v in judges.items():
+        if not v["trained_against"]:
+            c = v["change"]["after"]["mean_improvement_pct"]
+            held_out[j] = {"mean_improvement_pct": c["estimate"], "mean_improvement_ci": [c["low"], c["high"]],
+                           "share_above_before": v["share_above"]["before"],
+                           "share_above_after": v["share_above"]["after"]}
     headline = {
-        "toxicity_mean_before": tox.get("mean_before"), "toxicity_mean_after": tox.get("mean_after"),
-        "mean_improvement_pct": tox.get("mean_improvement_pct"), "std_improvement_pct": tox.get("std_improvement_pct"),
-        "relevance_before": rel.get("before"), "relevance_after": rel.get("after"), "relevance_ratio": rel_ratio,
-        "kl_after_to_before": kl, "ppo_train_seconds": ppo_summary.get("train_seconds"),
+        "training_judge": trained, "toxicity_mean_before": tj["mean"]["before"],
+        "toxicity_mean_after": tj["mean"]["after"],
+        "mean_improvement_pct": change["estimate"], "mean_improvement_ci": [change["low"], change["high"]],
+        "std_improvement_pct": tj["change"]["after"]["std_improvement_pct"]["estimate"], "held_out": held_out,
+        "share_toxic_before": tj["share_above"]["before"], "share_toxic_after": tj["share_above"]["after"],
+        "perplexity_ratio": ppl.get("estimate"), "perplexity_ratio_ci": [ppl.get("low"), ppl.get("high")],
+        "copy_rate_before": m["copy_rate"]["before"], "copy_rate_after": m["copy_rate"]["after"],
+        "relevance_before": m.get("relevance_uncopied", {}).get("before"),
+        "relevance_after": m.get("relevance_uncopied", {}).get("after"),
+        "relevance_ratio": rel.get("estimate"), "relevance_ratio_ci": [rel.get("low"), rel.get("high")],
+        "kl_after_to_before": m.get("kl", {}).get("after"), "ppo_train_seconds": ppo_summary.get("train_seconds"),
         "ppo_steps": ppo_summary.get("steps"), "eval_prompts": m.get("prompts"),
-        "eval_samples_per_prompt": m["samples_per_prompt"], "quick": quick,
+        "eval_samples_per_prompt": m["samples_per_prompt"], "wall_seconds": round(wall_seconds, 1), "quick": quick,
     }
-    fmt = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+    f = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+    ci = lambda c, d=1: f"[{f(c[0], d)}, {f(c[1], d)}]"  # noqa: E731
+    level = f"{100 * m['ci_level']:g}%"
+    rows = [f"| **{trained}** (trained against) | {f(tj['mean']['before'])} | {f(tj['mean']['after'])} | "
+            f"{f(change['estimate'], 1)} {ci(headline['mean_improvement_ci'])} | "
+            f"{100 * tj['share_above']['before']:.1f}% -> {100 * tj['share_above']['after']:.1f}% |"]
+    for j, v in judges.items():
+        if not v["trained_against"]:
+            c = v["change"]["after"]["mean_improvement_pct"]
+            rows.append(f"| {j} (held out) | {f(v['mean']['before'])} | {f(v['mean']['after'])} | "
+                        f"{f(c['estimate'], 1)} {ci([c['low'], c['high']])} | "
+                        f"{100 * v['share_above']['before']:.1f}% -> {100 * v['share_above']['after']:.1f}% |")
+    checks = []
+    for name, test in TARGETS.items():
+        try:
+            checks.append(f"| {name} | {'met' if test(headline) else '**not met**'} |")
+        except (TypeError, KeyError):
+            checks.append(f"| {name} | n/a |")
+    ppl_abs = m.get("perplexity", {})
+    fluency = [
+        f"| perplexity under `{m.get('perplexity_scorer')}` | {f(ppl_abs.get('before'), 2)} | "
+        f"{f(ppl_abs.get('after'), 2)} | x{f(ppl.get('estimate'), 3)} {ci(headline['perplexity_ratio_ci'], 3)} |",
+        f"| copy rate ({m['copy_ngram']}-grams of the answer found in the prompt) | {f(m['copy_rate']['before'])} | "
+        f"{f(m['copy_rate']['after'])} | |",
+        f"| relevance to the source, copied spans removed | {f(headline['relevance_before'])} | "
+        f"{f(headline['relevance_after'])} | x{f(rel.get('estimate'), 3)} {ci(headline['relevance_ratio_ci'], 3)} |",
+        f"| sampled KL(after \\|\\| before), nats per answer | | {f(headline['kl_after_to_before'])} | |"]
     eval_report = (eval_dir / "report.md").read_text().replace("](", "](eval/")
-    text = f"""# rlhfkit demo: detoxifying {'a tiny GPT-2 (--quick)' if quick else 'SmolLM2-135M-Instruct'} with LoRA PPO
+    mins, secs = divmod(int(round(wall_seconds)), 60)
+    policy = "a tiny GPT-2 (--quick)" if quick else "SmolLM2-135M-Instruct"
+    text = f"""# rlhfkit demo: detoxifying {policy} with LoRA PPO
 
-| | before | after | change |
+Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} answers per model. Intervals:
+{level} paired bootstrap over prompts. Share toxic: answers with a score above the judge's threshold (0.5).
+
+| judge | mean before | mean after | % lower, after vs before ({level} CI) | share toxic before -> after |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+| fluency and copying | before | after | after / before ({level} CI) |
 |---|---|---|---|
-| mean toxicity (alt-profanity-check) | {fmt(tox.get('mean_before'))} | {fmt(tox.get('mean_after'))} | {fmt(tox.get('mean_improvement_pct'), 1)}% lower |
-| std of toxicity | {fmt(tox.get('std_before'))} | {fmt(tox.get('std_after'))} | {fmt(tox.get('std_improvement_pct'), 1)}% lower |
-| relevance to source (MiniLM cosine) | {fmt(rel.get('before'))} | {fmt(rel.get('after'))} | x{fmt(rel_ratio, 2)} |
-| sampled KL(after \\|\\| before), nats per response | | {fmt(kl)} | |
+{chr(10).join(fluency)}
 
-Held-out: {m.get('prompts')} prompts x {m.get('samples_per_prompt', 1)} answers per model.
-PPO: {ppo_summary.get('steps')} steps in {fmt(ppo_summary.get('train_seconds'), 0)} s; curves below.
+Total wall time of this command: {mins} min {secs} s (PPO: {ppo_summary.get('steps')} steps,
+{f(ppo_summary.get('train_seconds'), 0)} s of training; a stage already finished in this folder is
+skipped and not counted).
+
+| target (issue #22, per seed) | this run |
+|---|---|
+{chr(10).join(checks)}
+
+The held-out judges are reported, not targeted: both are weak (HateSonar scores clean sentences
+0.24-0.41; the word list flags only listed words).
 
 ![PPO reward and KL](ppo_curves.png)
 
@@ -104,6 +168,7 @@ PPO: {ppo_summary.get('steps')} steps in {fmt(ppo_summary.get('train_seconds'), 
 
 
 def main(argv: list[str]) -> int:
+    t0 = time.perf_counter()
     from rlhfkit.cli import parse_args
 
     quick = "--quick" in argv
@@ -124,7 +189,7 @@ def main(argv: list[str]) -> int:
     data = ROOT / "examples" / "data" / "detox_prompts.jsonl"  # absolute: the demo runs from any folder
     overrides = [f"ppo.data.path={data}", f"eval.data.path={data}"] + overrides
     pipeline.run(cfg, resume=resume, overrides=overrides)
-    headline = write_report(out_dir, quick)
+    headline = write_report(out_dir, quick, time.perf_counter() - t0)
     logger.info(f"demo: report in {out_dir / 'report.md'}: mean toxicity {headline['toxicity_mean_before']} -> "
                 f"{headline['toxicity_mean_after']} ({headline['mean_improvement_pct']}% lower)")
     print(json.dumps(headline, indent=2))

@@ -5,8 +5,20 @@ Each entry of ``models`` either generates (``model`` set: a ModelConfig, optiona
 ``column`` set). The first entry is the baseline ("before"), the last is "after" in the sample
 table. Reported per model (all pure functions of ``rlhfkit.metrics`` where one exists):
 
-- toxicity mean and (population) std, and their change from the baseline in percent,
-  ``(before - after) / before`` as the detoxification recipe reports it (``metrics.toxicity_change``);
+- for every judge (``judges``: alt-profanity-check, HateSonar, better-profanity's word list, any HF
+  classifier, a reward model; each marked trained-against or held out): mean, (population) std,
+  share above its threshold, and their change from the baseline, ``(before - after) / before`` in
+  percent for toxicity as the detoxification recipe reports it (``metrics.toxicity_change``);
+- fluency and copying: perplexity of every model's answers under one scorer model (default: the
+  baseline), ``exp(sum NLL / tokens)`` (``metrics.perplexity``); the copy rate, the share of an
+  answer's word n-grams found verbatim in its prompt (``metrics.copy_rate``); relevance to the
+  source with those copied spans taken out (``metrics.strip_copied``), so quoting earns nothing;
+  the share of generated answers cut at ``max_new_tokens``;
+- a paired bootstrap CI over prompts (a prompt's answers resampled together;
+  ``metrics.paired_bootstrap``) for every change vs the baseline: judges, rewards, ROUGE,
+  relevance and perplexity ratios, copy rate, cut share, win rates (also under ``win_rates``);
+- with ``checkpoints: true`` on a model, every checkpoint its training run kept, and the
+  over-optimisation table and plot: every judge against KL to the reference (Gao et al., 2022);
 - ROUGE-1/2/L F-measures against a reference column (``metrics.rouge``);
 - semantic relevance to a source column (``metrics.semantic_relevance_pairs``, all-MiniLM-L6-v2);
 - mean reward under every configured reward function (``rewards``) and their weighted sum;
@@ -20,19 +32,29 @@ table. Reported per model (all pure functions of ``rlhfkit.metrics`` where one e
 
 Writes into ``output_dir`` (atomically): ``config.yaml``, ``metrics.json``, ``samples.jsonl`` (the
 ``rlhfkit view`` format, sorted by gain = judge(last) - judge(first), largest first), ``report.md``
-(tables, the sample table, the plots embedded), ``reward_hist.png``, ``toxicity_hist.png``,
-``models.png`` and, last and only on success, ``summary.json`` (the headline numbers; as for the
-training recipes, ``rlhfkit run`` skips a stage whose folder holds it with the same config).
+(tables, the sample table, the plots embedded), ``reward_hist.png`` (answers per judge score),
+``toxicity_cdf.png`` (share of answers at or below each score, log scale for probabilities),
+``models.png`` (every change vs the baseline with its CI as error bars),
+``overoptimisation_<name>.png`` (with checkpoints) and, last and only on success, ``summary.json``
+(the headline numbers; as for the training recipes, ``rlhfkit run`` skips a stage whose folder holds
+it with the same config).
 
 Deliberate choices: rewards, toxicity, ROUGE and the sample table use the user prompt (before any
 chat template), the one text every model shares; each model generates from the prompt wrapped in
 its own tokenizer's chat template. KL is computed on the token ids each model sampled; completions
 read from the file are re-encoded with EOS appended. Model and reference must share a tokenizer.
+Perplexity scores the ids a model sampled when it shares the scorer's tokenizer (an answer cut at
+the cap has no EOS to score), else the text re-encoded with EOS. Copying is measured against the
+user prompt, which quotes the source in the detoxification prompts. Relevance without copied
+spans (rather than against a topic) keeps the one reference every prompt set has, its source, and
+gives 0 to an answer that only quotes. CIs are percentile intervals; a resample whose statistic is
+undefined (a zero baseline mean) is left out.
 """
 from __future__ import annotations
 
 import gc
 import io
+import json
 import math
 import re
 import time
@@ -49,7 +71,7 @@ from rlhfkit.config import save_config
 from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
                           wrap_prompt)
 from rlhfkit.models import PolicyModel, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
-from rlhfkit.rewards import Toxicity, build_reward, validate_reward
+from rlhfkit.rewards import EvalJudgeConfig, build_judge, build_reward, judge_names
 from rlhfkit.rollout import reward_columns
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
 
@@ -66,10 +88,19 @@ class EvalModelConfig:
     column: Optional[str] = None
     """Read this model's completions from this column of the prompt file instead of generating
     (with ``model`` set too, the file's completions are still scored by the model for KL)."""
+    checkpoints: bool = False
+    """Also evaluate every checkpoint the training run in ``adapter_path`` kept
+    (``checkpoints/step-N``, see ``train.checkpoint_every`` / ``keep_checkpoints``) as models
+    ``<name>@<N>`` before this one; the report plots every judge against KL to the reference over
+    them (the over-optimisation curve) and names the best one by the trained-against judge."""
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("every entry of 'models' needs a 'name'")
+        if "@" in self.name:
+            raise ConfigError(f"models '{self.name}': '@' is kept for checkpoint names (<name>@<step>)")
+        if self.checkpoints and not self.adapter_path:
+            raise ConfigError(f"models '{self.name}': checkpoints needs adapter_path (the training run's folder)")
         if self.adapter_path and self.model is None:
             raise ConfigError(f"models '{self.name}': adapter_path needs 'model' (the base the adapter was trained on)")
 
@@ -101,12 +132,33 @@ class Config:
     per (prompt, sample) and win rates compare the models' k-th samples of a prompt."""
     rewards: list[RewardConfig] = field(default_factory=list)
     """Reward functions to report (mean per model, each on its own and their weighted sum ``total``)."""
-    toxicity: Optional[str] = "profanity_check"
-    """Toxicity scorer (``profanity_check`` or ``hatesonar``) for toxicity mean/std and change; null: off."""
+    judges: list[EvalJudgeConfig] = field(default_factory=lambda: [EvalJudgeConfig()])
+    """Named toxicity judges, each scored on every answer: ``[{kind: profanity_check, trained_against:
+    true}, {kind: hatesonar}, {kind: wordlist}, {kind: classifier, model: ..., label: toxic},
+    {kind: reward_model, model: runs/rm}]``. Per judge and model: mean, std, share above its
+    ``threshold``, and the change vs the baseline with a bootstrap CI. ``[]``: none."""
+    toxicity: Optional[str] = None
+    """Deprecated: one judge of this kind (``profanity_check`` or ``hatesonar``); use ``judges``."""
     judge: Optional[str] = None
     """The score that ranks models (win rates, Elo, Bradley-Terry, sample gains): a reward name from
-    ``rewards`` (its ``name`` or kind), ``total`` (their weighted sum), or ``toxicity`` (1 - p(toxic)).
-    Default: ``total`` when rewards are configured, else ``toxicity``."""
+    ``rewards`` (its ``name`` or kind), ``total`` (their weighted sum), a judge's name (its
+    non-toxicity 1 - p for a toxicity judge, the score itself for a reward model), or ``toxicity``
+    (the first judge). Default: ``total`` when rewards are configured, else the first judge."""
+    win_rates: list[str] = field(default_factory=list)
+    """More scores to report win rates vs the baseline under (each with its CI), beside ``judge``:
+    a reward part or judge name, ``total``, or ``total-<part>``: the weighted sum without that part
+    (e.g. ``total-length``, to see whether a win survives without the length term)."""
+    perplexity_scorer: Optional[str] = None
+    """Name of the model in ``models`` under which every model's answers get a perplexity (one fixed
+    scorer, so the figures compare; the ratio to the baseline's says how far fluency moved).
+    Default: the baseline when it has a ``model``, else the first model that has one."""
+    copy_ngram: int = 4
+    """n of the word n-grams of the copy rate (share of an answer's n-grams found verbatim in its
+    prompt) and of the copied spans left out of ``relevance_uncopied``."""
+    bootstrap_resamples: int = 1000
+    """Resamples of the paired bootstrap over prompts behind every confidence interval."""
+    ci_level: float = 0.95
+    """Confidence level of the intervals."""
     kl_reference: Optional[str] = None
     """Name of the model in ``models`` that is the KL reference (e.g. ``before``). With sampling
     the KL is the sampled estimate (mean over prompts of sum_t log pi - log pi_ref on the sampled
@@ -153,6 +205,21 @@ class Config:
                 raise ConfigError(f"kl_reference '{self.kl_reference}' has no 'model' to score log-probs with")
         if self.toxicity is not None and self.toxicity not in ("profanity_check", "hatesonar"):
             raise ConfigError(f"toxicity must be 'profanity_check', 'hatesonar' or null, got '{self.toxicity}'")
+        for j in self.judges:
+            j.validate()
+        judge_names(self.judges)
+        if self.perplexity_scorer is not None:
+            entry = next((m for m in self.models if m.name == self.perplexity_scorer), None)
+            if entry is None:
+                raise ConfigError(f"perplexity_scorer '{self.perplexity_scorer}' is not a model name; names: {names}")
+            if entry.model is None:
+                raise ConfigError(f"perplexity_scorer '{self.perplexity_scorer}' has no 'model' to score with")
+        if self.copy_ngram < 1:
+            raise ConfigError(f"copy_ngram must be >= 1, got {self.copy_ngram}")
+        if self.bootstrap_resamples < 1:
+            raise ConfigError(f"bootstrap_resamples must be >= 1, got {self.bootstrap_resamples}")
+        if not 0 < self.ci_level < 1:
+            raise ConfigError(f"ci_level must be in (0, 1), got {self.ci_level}")
         if self.bt_prior < 0:
             raise ConfigError(f"bt_prior must be >= 0, got {self.bt_prior}")
         if self.kl_batch_size <= 0:
@@ -194,15 +261,97 @@ def text_column(table: Table, col: str, what: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_entry(model_cfg: ModelConfig, adapter_path: Optional[str], device: torch.device):
+def load_entry(model_cfg: ModelConfig, adapter_path: Optional[str], device: torch.device,
+               checkpoint: Optional[Path] = None):
     """(model in eval mode, tokenizer); a LoRA adapter is loaded on its base and merged into it (the
-    same function up to float rounding; generation and forwards skip the adapter's extra ops)."""
+    same function up to float rounding; generation and forwards skip the adapter's extra ops).
+    ``checkpoint``: a training checkpoint folder whose trainable weights replace the adapter's."""
     lora = LoraConfig(enabled=True, adapter_path=adapter_path) if adapter_path else None
     model, tok = load_policy(model_cfg, lora, device)
+    if checkpoint is not None:
+        load_trainable(model, checkpoint)
     if lora is not None and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def load_trainable(model, checkpoint: Path) -> None:
+    """Copy the trainable weights of an Engine checkpoint (``trainable.safetensors``) into ``model``.
+
+    Checkpoint names carry the training wrapper's prefix (``lm.`` of the policy with its value
+    head); each is matched to the model parameter it ends with. Weights without a match (the value
+    head) are skipped; a LoRA parameter of the model that the checkpoint lacks is an error.
+    """
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    found = set()
+    for key, value in weights.items():
+        parts = key.split(".")
+        name = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in params), None)
+        if name is not None:
+            params[name].data.copy_(value.to(params[name].device, params[name].dtype))
+            found.add(name)
+    missing = [n for n in params if "lora_" in n and n not in found]
+    if not found or missing:
+        raise UserError(f"{checkpoint}: the checkpoint does not match the model "
+                        f"({len(found)} weights matched; missing e.g. {missing[:1]})")
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint a training run kept in ``<run_dir>/checkpoints/step-N``."""
+    out = []
+    for d in sorted(Path(run_dir).glob("checkpoints/step-*[0-9]")):
+        if (d / "trainable.safetensors").is_file():
+            out.append((int(d.name.split("-")[1]), d))
+    return out
+
+
+def expand_checkpoints(models: list[EvalModelConfig]) -> tuple[list[EvalModelConfig], dict[str, Path]]:
+    """The evaluated entries: every ``checkpoints: true`` model is preceded by one entry per kept
+    checkpoint of its run, named ``<name>@<step>``; and the checkpoint folder of each such name."""
+    import dataclasses
+
+    entries, checkpoint_of = [], {}
+    for e in models:
+        if e.checkpoints:
+            summary = Path(e.adapter_path) / "summary.json"
+            final = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+            found = [(step, d) for step, d in checkpoint_dirs(e.adapter_path) if step != final]  # final: the model
+            if not found:
+                raise UserError(f"models '{e.name}': {e.adapter_path}/checkpoints holds no checkpoint "
+                                "(set train.checkpoint_every and train.keep_checkpoints in the training run)")
+            for step, folder in found:
+                name = f"{e.name}@{step}"
+                entries.append(dataclasses.replace(e, name=name, checkpoints=False))
+                checkpoint_of[name] = folder
+        entries.append(e)
+    return entries, checkpoint_of
+
+
+def answer_nll(model, tok, prompts: list[str], responses: list[list[int]],
+               batch_size: int) -> tuple[list[float], list[int]]:
+    """(summed negative log-likelihood in nats, token count) of every response given its prompt:
+    ``metrics.perplexity`` turns them into exp(mean token NLL)."""
+    logps, counts = sequence_logps(PolicyModel(model).eval(), tok, prompts, responses, batch_size, with_counts=True)
+    return (-logps).tolist(), counts
+
+
+def relevance_uncopied(completions: list[str], prompts: list[str], sources: list[str], n: int,
+                       model_path: Optional[str]) -> list[float]:
+    """Cosine relevance to the source of what each answer says beyond quoting: the answer with every
+    word n-gram copied verbatim from its prompt taken out (``metrics.strip_copied``); an answer with
+    nothing left scores 0."""
+    left = [c if M.copy_rate(c, p, n) == 0 else M.strip_copied(c, p, n) for c, p in zip(completions, prompts)]
+    keep = [i for i, t in enumerate(left) if t]
+    out = [0.0] * len(left)
+    if keep:
+        sims = M.semantic_relevance_pairs([left[i] for i in keep], [sources[i] for i in keep], model_path)
+        for i, v in zip(keep, sims):
+            out[i] = v
+    return out
 
 
 def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed: int, progress: bool,
@@ -215,17 +364,20 @@ def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed
 
 @torch.no_grad()
 def sequence_logps(policy: PolicyModel, tok, prompts: list[str], responses: list[list[int]],
-                   batch_size: int) -> torch.Tensor:
-    """sum_t log pi(y_t | x, y_<t) of every (prompt, response ids) pair: (N,)."""
+                   batch_size: int, with_counts: bool = False):
+    """sum_t log pi(y_t | x, y_<t) of every (prompt, response ids) pair: (N,); with ``with_counts``
+    also the number of response tokens scored in each."""
     device = next(policy.parameters()).device
     seq2seq = policy.is_seq2seq
     examples = [Example(encode_prompt(tok, p, seq2seq), list(r)) for p, r in zip(prompts, responses)]
-    out = []
+    out, counts = [], []
     for s in range(0, len(examples), batch_size):
         batch = collate(examples[s: s + batch_size], tok.pad_token_id, seq2seq)
         res = policy(**{k: v.to(device) for k, v in batch.items()})
         out.append((res["logps"] * res["mask"]).sum(-1).double().cpu())  # (b,)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        counts += [int(c) for c in res["mask"].sum(-1).tolist()]
+    logps = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return (logps, counts) if with_counts else logps
 
 
 def sampled_kl(model, ref_model, tok, prompts: list[str], responses: list[list[int]], batch_size: int) -> list[float]:
@@ -319,6 +471,103 @@ def compare(names: list[str], judge: dict[str, list[float]], elo_k: float, bt_pr
 
 
 # ---------------------------------------------------------------------------------------------
+# Confidence intervals (paired bootstrap over prompts, metrics.paired_bootstrap), judges, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class Bootstrap:
+    """``boot(stat, *per_answer_lists)``: estimate and CI of ``stat`` on ``(prompts, samples)`` grids,
+    resampling prompts with all their answers (the same draws for every figure of a run)."""
+
+    def __init__(self, n_prompts: int, per_prompt: int, n_resamples: int, seed: int, level: float):
+        self.shape, self.n_resamples, self.seed, self.level = (n_prompts, per_prompt), n_resamples, seed, level
+
+    def __call__(self, stat, *lists) -> dict[str, float]:
+        grids = [np.asarray(v, dtype=np.float64).reshape(self.shape) for v in lists]  # (P, k) each
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return M.paired_bootstrap(stat, *grids, n_resamples=self.n_resamples, seed=self.seed, level=self.level)
+
+
+def _diff(b: np.ndarray, a: np.ndarray) -> float:
+    return float(a.mean() - b.mean())
+
+
+def _ratio(b: np.ndarray, a: np.ndarray) -> float:
+    return float(a.mean() / b.mean())
+
+
+def _win_rate(b: np.ndarray, a: np.ndarray) -> float:
+    return float(((a > b) + 0.5 * (a == b)).mean())  # ties count one half
+
+
+def _perplexity_ratio(nll_b: np.ndarray, n_b: np.ndarray, nll_a: np.ndarray, n_a: np.ndarray) -> float:
+    return math.exp(nll_a.sum() / n_a.sum() - nll_b.sum() / n_b.sum())
+
+
+def _improvement_pct(lower_is_better: bool, of=np.mean):
+    """Change of ``of`` (mean or std) from b to a in percent of b, positive when it got better."""
+    def stat(b: np.ndarray, a: np.ndarray) -> float:
+        before, after = np.float64(of(b)), np.float64(of(a))  # numpy division: 0 gives inf/nan, left out
+        return float(100.0 * ((before - after) if lower_is_better else (after - before)) / abs(before))
+    return stat
+
+
+def judge_summary(jc: EvalJudgeConfig, scores: dict[str, list[float]], names: list[str], boot: Bootstrap) -> dict:
+    """One judge's figures: per model mean (with CI), std and share above the threshold; per model
+    after the baseline the change of each, with its paired CI (percent of the baseline's mean and
+    std, positive = better; share in percentage points)."""
+    thr = jc.threshold
+    base = scores[names[0]]
+    out = {"kind": jc.kind, "trained_against": jc.trained_against, "threshold": thr,
+           "higher_is": "toxic" if jc.lower_is_better else "better",
+           "mean": {n: float(np.mean(scores[n])) for n in names},
+           "mean_ci": {n: boot(lambda a: float(a.mean()), scores[n]) for n in names},
+           "std": {n: float(np.std(scores[n])) for n in names},
+           "share_above": {n: M.share_above(scores[n], thr) for n in names}, "change": {}}
+    for n in names[1:]:
+        out["change"][n] = {
+            "mean_improvement_pct": boot(_improvement_pct(jc.lower_is_better), base, scores[n]),
+            "std_improvement_pct": boot(_improvement_pct(jc.lower_is_better, np.std), base, scores[n]),
+            "share_above_change_pts": boot(lambda b, a: 100.0 * (float((a > thr).mean()) - float((b > thr).mean())),
+                                           base, scores[n]),
+        }
+    return out
+
+
+def checkpoint_curves(models: list[EvalModelConfig], entries: list[EvalModelConfig], checkpoint_of: dict,
+                      m: dict, judge_cfgs: list[EvalJudgeConfig], jnames: list[str]) -> dict:
+    """For every ``checkpoints: true`` model: its checkpoints and final model in step order, each with
+    KL to the reference and every judge's mean (with CI), preceded by the KL reference itself (KL 0)
+    when it is in the list; and the best by the trained-against judge (the proxy reward): the
+    over-optimisation curve of Gao et al. (2022)."""
+    curves = {}
+    for e in models:
+        if not e.checkpoints:
+            continue
+        members = [x.name for x in entries if x.name.startswith(e.name + "@") and x.name in checkpoint_of] + [e.name]
+        summary = Path(e.adapter_path) / "summary.json"
+        final_step = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+        points = []
+        ref = m.get("kl_reference")
+        if ref in m["models"] and ref not in members:
+            points.append({"model": ref, "step": 0})
+        for name in members:
+            points.append({"model": name, "step": int(name.rsplit("@", 1)[1]) if name in checkpoint_of else final_step})
+        for pt in points:
+            n = pt["model"]
+            pt["kl"] = m.get("kl", {}).get(n)
+            pt["judges"] = {j: {"mean": m["judges"][j]["mean"][n], "low": m["judges"][j]["mean_ci"][n]["low"],
+                                "high": m["judges"][j]["mean_ci"][n]["high"]} for j in jnames}
+        proxy = next(((j, c) for j, c in zip(jnames, judge_cfgs) if c.trained_against), None)
+        best = None
+        if proxy is not None:
+            sign = -1.0 if proxy[1].lower_is_better else 1.0
+            best = max(members, key=lambda n: sign * m["judges"][proxy[0]]["mean"][n])
+        curves[e.name] = {"points": points, "proxy": proxy[0] if proxy else None, "best": best}
+    return curves
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots (matplotlib Figure with the Agg canvas: no pyplot state, no display)
 # ---------------------------------------------------------------------------------------------
 
@@ -330,6 +579,7 @@ def _png(fig) -> bytes:
 
 
 def histogram_png(values: dict[str, list[float]], title: str, xlabel: str) -> bytes:
+    """Overlaid histograms of every model's per-answer values (the y axis counts answers)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.0))
@@ -340,21 +590,131 @@ def histogram_png(values: dict[str, list[float]], title: str, xlabel: str) -> by
         ax.hist(v, bins=edges, alpha=0.5, label=name)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("prompts")
+    ax.set_ylabel("answers")
     ax.legend()
     return _png(fig)
 
 
-def bars_png(panels: dict[str, dict[str, float]]) -> bytes:
+PROBABILITY_FLOOR = 1e-4  # log-scale CDFs start here (scores below are drawn at the floor)
+
+
+def cdf_png(scores: dict[str, dict[str, list[float]]], info: dict[str, dict]) -> bytes:
+    """One panel per judge: the empirical CDF of every model's scores (share of answers scoring at
+    most x). Toxicity probabilities pile up near 0, so their x axis is logarithmic; the threshold is
+    a dashed line, and each panel says whether the policy was trained against that judge."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.2 * len(panels), 3.4))
+    fig = Figure(figsize=(4.2 * len(scores), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(scores)))
+    for ax, (j, per_model) in zip(axes, scores.items()):
+        values = [x for v in per_model.values() for x in v]
+        binary = all(x in (0.0, 1.0) for x in values)  # the word-list judge: 0 or 1
+        prob = info[j]["kind"] != "reward_model" and not binary and all(0 <= x <= 1 for x in values)
+        low = max(PROBABILITY_FLOOR, min(values) / 2) if prob else min(values) - 0.05
+        for name, v in per_model.items():
+            x = np.sort(np.asarray(v, dtype=float))
+            if prob:
+                x = np.maximum(x, PROBABILITY_FLOOR)
+            x = np.concatenate([[low], x])  # the curve starts at share 0
+            ax.step(x, np.arange(x.size) / (x.size - 1), where="post", label=name)
+        if prob:
+            from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+            ax.set_xscale("log")
+            ax.set_xlim(low, 1.0)
+            short = math.log10(1.0 / low) <= 1.5  # less than two decades: label 1-2-3-5 steps, else decades
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0) if short else (1.0,)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        elif binary:
+            ax.set_xlim(-0.05, 1.05)
+        ax.axvline(info[j]["threshold"], color="grey", linestyle="--", linewidth=0.8)
+        role = "trained against" if info[j]["trained_against"] else "held out"
+        ax.set_title(f"{j} ({role})", fontsize=10)
+        what = "p(toxic), log scale" if prob else "1 = contains a listed word" if binary else "score"
+        ax.set_xlabel(f"{what}; dashed: threshold {info[j]['threshold']:g}")
+        ax.set_ylabel("share of answers scoring <= x")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def change_panels(m: dict, jnames: list[str]) -> dict[str, dict[str, dict]]:
+    """The change of every model from the baseline, one panel per figure, each value a CI dict
+    (``estimate``, ``low``, ``high``)."""
+    base = m["baseline"]
+    panels = {}
+    for j in jnames:
+        role = "trained" if m["judges"][j]["trained_against"] else "held out"
+        panels[f"{j} ({role}):\nmean change vs {base}, % (+ = better)"] = {
+            n: c["mean_improvement_pct"] for n, c in m["judges"][j]["change"].items()}
+    panels[f"win rate vs {base}\nunder {m['judge']}"] = m["win_rate_ci"]
+    if "perplexity_ratio" in m:
+        panels[f"perplexity ratio vs {base}\n(scorer: {m['perplexity_scorer']})"] = m["perplexity_ratio"]
+    panels[f"copy rate change vs {base}\n(share of {m['copy_ngram']}-grams)"] = m["copy_rate_change"]
+    if "relevance_ratio" in m:
+        panels[f"relevance ratio vs {base}\n(copied spans removed)"] = {
+            n: r["relevance_uncopied"] for n, r in m["relevance_ratio"].items()}
+    return panels
+
+
+def bars_png(panels: dict[str, dict[str, dict]]) -> bytes:
+    """One panel per figure: each model's estimate as a point, its confidence interval as the error
+    bar, and a grey line at "no change" (a point plot: ratios and win rates do not start at 0)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(panels), 3.6))
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (title, vals) in zip(axes, panels.items()):
         names = list(vals)
-        ax.bar(range(len(names)), [vals[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+        est = np.array([vals[n]["estimate"] for n in names], dtype=float)
+        low = np.array([vals[n]["low"] for n in names], dtype=float)
+        high = np.array([vals[n]["high"] for n in names], dtype=float)
+        err = np.nan_to_num(np.vstack([est - low, high - est]).clip(min=0))  # (2, n)
+        for i in range(len(names)):
+            ax.errorbar([i], est[i:i + 1], yerr=err[:, i:i + 1], fmt="o", capsize=5, color=f"C{i + 1}")
+        if not np.isfinite(est).any():
+            ax.text(0.5, 0.5, "undefined\n(the baseline scores 0)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(title, fontsize=10)
+        ax.axhline(1.0 if "ratio" in title else 0.5 if title.startswith("win rate") else 0.0,
+                   color="grey", linewidth=0.8)  # no change
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def overoptimisation_png(family: str, curve: dict, m: dict) -> bytes:
+    """Every judge's mean (with its CI) against KL to the reference over a run's checkpoints:
+    the trained-against judges (proxy) on the left axis, the held-out ones on the right."""
+    from matplotlib.figure import Figure
+
+    points = [p for p in curve["points"] if p["kl"] is not None]
+    fig = Figure(figsize=(6.8, 4.2))
+    left = fig.subplots()
+    right = left.twinx()
+    kl = [p["kl"] for p in points]
+    for i, j in enumerate(m["judges"]):
+        ax = left if m["judges"][j]["trained_against"] else right
+        mean = np.array([p["judges"][j]["mean"] for p in points])
+        err = np.vstack([mean - [p["judges"][j]["low"] for p in points],
+                         [p["judges"][j]["high"] for p in points] - mean]).clip(min=0)
+        role = "proxy, trained against" if m["judges"][j]["trained_against"] else "held out"
+        ax.errorbar(kl, mean, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{j} ({role})",
+                    linestyle="-" if ax is left else "--")
+    for p in points:
+        left.annotate(f"{p['step']}", (p["kl"], p["judges"][curve["proxy"]]["mean"] if curve["proxy"] else 0),
+                      fontsize=7, textcoords="offset points", xytext=(3, 3))
+    left.set_xlabel(f"KL to {m.get('kl_reference')} (nats per answer)")
+    left.set_ylabel("trained-against judge (proxy): mean score")
+    held = [j for j in m["judges"] if not m["judges"][j]["trained_against"]]
+    toxic = all(m["judges"][j]["higher_is"] == "toxic" for j in held)
+    right.set_ylabel("held-out judges: mean " + ("p(toxic), lower is better" if toxic else "score"))
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    left.legend(handles, labels, fontsize=8, loc="best")
+    left.set_title(f"{family}: judges against KL over checkpoints (labels: step)", fontsize=10)
     fig.tight_layout()
     return _png(fig)
 
@@ -385,6 +745,14 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(c: Optional[dict], digits: int = 3) -> str:
+    """``estimate [low, high]`` of a CI dict."""
+    if not c:
+        return "-"
+    f = lambda x: "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"  # noqa: E731
+    return f"{f(c['estimate'])} [{f(c['low'])}, {f(c['high'])}]"
+
+
 def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) -> str:
     names, base, last = m["models"], m["baseline"], m["models"][-1]
     g = cfg.generation
@@ -392,17 +760,33 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
                 f"max_new_tokens={g.max_new_tokens}, seed={cfg.seed}")
     if "generated" not in m["completions_from"].values():
         decoding = "none (every model's completions come from the file)"
-    per = f" x {m['samples_per_prompt']} samples" if m["samples_per_prompt"] > 1 else ""
+    per = f" x {m['samples_per_prompt']} answers" if m["samples_per_prompt"] > 1 else ""
+    level = f"{100 * m['ci_level']:g}%"
     out = [f"# Evaluation: {' vs '.join(names)}\n",
            f"{m['prompts']} prompts{per} from `{cfg.data.path}`. Decoding: {decoding}. Judge: `{m['judge']}`; "
-           f"baseline: `{base}`.\n", "## Models\n"]
+           f"baseline: `{base}`. Intervals: {level} paired bootstrap over prompts ({m['bootstrap_resamples']} "
+           f"resamples, a prompt's answers kept together).\n"]
+    if "judges" in m:
+        out.append("## Judges\n")
+        trained = [j for j, v in m["judges"].items() if v["trained_against"]]
+        out.append(f"Trained against: {', '.join(f'`{j}`' for j in trained) or 'none marked'}; held out: "
+                   f"{', '.join(f'`{j}`' for j, v in m['judges'].items() if not v['trained_against']) or 'none'}. "
+                   "Change = (baseline - model) / baseline of the mean (of the std) in percent for toxicity "
+                   "judges, (model - baseline) / |baseline| for higher-is-better ones: positive is better. "
+                   "Share = answers scoring above the threshold; its change is in percentage points.\n")
+        rows = []
+        for j, v in m["judges"].items():
+            role = "**trained against**" if v["trained_against"] else "held out"
+            for n in names:
+                c = v["change"].get(n, {})
+                rows.append([j, role, n, v["mean"][n], v["std"][n], f"{100 * v['share_above'][n]:.1f}%",
+                             _ci(c.get("mean_improvement_pct")), _ci(c.get("std_improvement_pct")),
+                             _ci(c.get("share_above_change_pts"))])
+        out.append(_table(["judge", "role", "model", "mean", "std", "share > threshold",
+                           f"mean change % [{level} CI]", "std change %", "share change, points"], rows))
+    out.append("\n## Models\n")
     header = ["model", "completions"]
     cols: list = []
-    if "toxicity" in m:
-        header += ["toxicity mean", "toxicity std", f"mean improvement vs {base} %", f"std improvement vs {base} %"]
-        cols.append(lambda n: [m["toxicity"][n]["mean"], m["toxicity"][n]["std"],
-                               m["toxicity_change"].get(n, {}).get("mean_improvement_pct"),
-                               m["toxicity_change"].get(n, {}).get("std_improvement_pct")])
     for r in m.get("reward_names", []):
         header.append(f"reward {r}")
         cols.append(lambda n, r=r: [m["reward"][n][r]])
@@ -410,8 +794,16 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
         header += ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
         cols.append(lambda n: [m["rouge"][n]["rouge1"], m["rouge"][n]["rouge2"], m["rouge"][n]["rougeL"]])
     if "semantic_relevance" in m:
-        header.append("relevance")
-        cols.append(lambda n: [m["semantic_relevance"][n]])
+        header += ["relevance", "relevance (copied spans removed)"]
+        cols.append(lambda n: [m["semantic_relevance"][n], m["relevance_uncopied"][n]])
+    if "perplexity" in m:
+        header.append(f"perplexity under {m['perplexity_scorer']}")
+        cols.append(lambda n: [m["perplexity"][n]])
+    header.append(f"copy rate ({m['copy_ngram']}-grams)")
+    cols.append(lambda n: [m["copy_rate"][n]])
+    if "cut_at_cap" in m:
+        header.append("cut at max_new_tokens")
+        cols.append(lambda n: [m["cut_at_cap"].get(n)])
     if "kl" in m:
         header.append(f"KL to {m['kl_reference']} ({m.get('kl_estimator', 'sampled')})")
         cols.append(lambda n: [m["kl"].get(n)])
@@ -423,8 +815,47 @@ def render_report(cfg: Config, m: dict, samples: list[dict], images: list[str]) 
                                (m["bradley_terry"] or {}).get(n)])
     rows = [[n, m["completions_from"][n]] + [v for c in cols for v in c(n)] for n in names]
     out.append(_table(header, rows))
-    if "toxicity_change" in m:
-        out.append("\nImprovement = (baseline - model) / baseline of the toxicity mean and std (positive: less toxic).\n")
+    out.append("\nCopy rate: share of an answer's word n-grams found verbatim in its prompt. Relevance (copied "
+               "spans removed): MiniLM cosine to the source of the answer without the words of those n-grams "
+               "(0 when nothing is left), so quoting the source earns nothing. Perplexity: exp of the mean token "
+               "NLL of every answer under one fixed scorer model.\n")
+    if len(names) > 1:
+        out.append(f"\n## Changes vs {base} ({level} CI)\n")
+        ch_header = ["model", f"win rate under {m['judge']}"]
+        ch_cols: list = [lambda n: [_ci(m["win_rate_ci"][n])]]
+        if "perplexity_ratio" in m:
+            ch_header.append("perplexity ratio")
+            ch_cols.append(lambda n: [_ci(m["perplexity_ratio"][n])])
+        ch_header.append("copy rate change")
+        ch_cols.append(lambda n: [_ci(m["copy_rate_change"][n])])
+        if "relevance_ratio" in m:
+            ch_header += ["relevance ratio", "relevance ratio (copied removed)"]
+            ch_cols.append(lambda n: [_ci(m["relevance_ratio"][n]["semantic_relevance"]),
+                                      _ci(m["relevance_ratio"][n]["relevance_uncopied"])])
+        for w in m.get("win_rate_by", {}):
+            ch_header.append(f"win rate under {w}")
+            ch_cols.append(lambda n, w=w: [_ci(m["win_rate_by"][w][n])])
+        if "cut_at_cap_change" in m:
+            ch_header.append("cut-at-cap share change")
+            ch_cols.append(lambda n: [_ci(m["cut_at_cap_change"].get(n))])
+        for r in m.get("reward_names", []):
+            ch_header.append(f"reward {r} change")
+            ch_cols.append(lambda n, r=r: [_ci(m["reward_change"][n][r])])
+        for t in ("rouge1", "rouge2", "rougeL", "rouge_avg") if "rouge" in m else ():
+            ch_header.append(f"{t} change")
+            ch_cols.append(lambda n, t=t: [_ci(m["rouge_change"][n][t])])
+        out.append(_table(ch_header, [[n] + [v for c in ch_cols for v in c(n)] for n in names[1:]]))
+    for family, curve in m.get("checkpoint_curves", {}).items():
+        out.append(f"\n## Over-optimisation: `{family}` over its checkpoints\n")
+        js = list(m["judges"])
+        out.append(_table(["model", "step", f"KL to {m.get('kl_reference')}"] + [
+            f"{j} ({'proxy' if m['judges'][j]['trained_against'] else 'held out'})" for j in js],
+            [[p["model"], p["step"], p["kl"]] + [_ci({"estimate": p["judges"][j]["mean"], "low": p["judges"][j]["low"],
+                                                      "high": p["judges"][j]["high"]}) for j in js]
+             for p in curve["points"]]))
+        if curve["best"]:
+            out.append(f"\nBest checkpoint by the proxy (`{curve['proxy']}`, on these held-out prompts): "
+                       f"`{curve['best']}`; its changes vs `{base}` are in the tables above.\n")
     if len(names) > 1:
         out.append(f"\n## Win rates under `{m['judge']}` (row beats column; ties count one half)\n")
         out.append(_table(["model"] + names, [[a] + [m["win_rate"][a].get(b) for b in names] for a in names]))
@@ -464,6 +895,11 @@ def summarize(m: dict, seconds: float) -> dict:
         s["win_rate_vs_baseline"] = m["win_rate_vs_baseline"]
     if "toxicity" in m:
         s["toxicity_mean"] = {n: v["mean"] for n, v in m["toxicity"].items()}
+    if "judges" in m:
+        s["judges_mean"] = {j: v["mean"] for j, v in m["judges"].items()}
+    if "perplexity_ratio" in m:
+        s["perplexity_ratio"] = {n: v["estimate"] for n, v in m["perplexity_ratio"].items()}
+    s["copy_rate"] = m["copy_rate"]
     if "kl" in m:
         s["kl"] = m["kl"]
     s["eval_seconds"] = round(seconds, 3)
@@ -494,13 +930,25 @@ def run(cfg: Config, resume: bool = False) -> dict:
     columns = reward_columns(table.rows)
     composite = build_reward(cfg.rewards) if cfg.rewards else None
     part_names = [p[0] for p in composite.parts] if composite else []
-    judge_name = cfg.judge or ("total" if composite else "toxicity")
-    valid = (["total"] + part_names if composite else []) + (["toxicity"] if cfg.toxicity else [])
+    judge_cfgs = list(cfg.judges)
+    if cfg.toxicity is not None:
+        logger.warning(f"[rlhfkit] warning: eval key 'toxicity' is deprecated; use judges: [{{kind: {cfg.toxicity}}}]")
+        judge_cfgs = [EvalJudgeConfig(kind=cfg.toxicity)]
+    jnames = judge_names(judge_cfgs)
+    judge_name = cfg.judge or ("total" if composite else (jnames[0] if jnames else "toxicity"))
+    if judge_name == "toxicity" and jnames and "toxicity" not in jnames:
+        judge_name = jnames[0]  # 'toxicity' names the first judge
+    valid = (["total"] + part_names if composite else []) + jnames
     if not valid:
-        raise ConfigError("nothing to score: configure 'rewards' or keep 'toxicity' on")
+        raise ConfigError("nothing to score: configure 'rewards' or at least one of 'judges'")
     if judge_name not in valid:
         raise ConfigError(f"judge '{judge_name}' is not a configured score; choose one of {valid}")
-    names = [e.name for e in cfg.models]
+    without = [f"total-{p}" for p in part_names] if len(part_names) > 1 else []
+    for w in cfg.win_rates:
+        if w not in valid + without:
+            raise ConfigError(f"win_rates: '{w}' is not a configured score; choose from {valid + without}")
+    entries, checkpoint_of = expand_checkpoints(cfg.models)
+    names = [e.name for e in entries]
     logger.info(f"eval: {n_prompts} prompts x {per_prompt} sample(s) from {table.source}; models {names}; "
                 f"judge {judge_name}")
 
@@ -516,13 +964,19 @@ def run(cfg: Config, resume: bool = False) -> dict:
     elif cfg.kl_reference is not None:
         e = next(e for e in cfg.models if e.name == cfg.kl_reference)
         ref_model, ref_tok = load_entry(e.model, e.adapter_path, device)
-    for e in cfg.models:
+    scorer_name = cfg.perplexity_scorer or next(
+        (e.name for e in sorted(entries, key=lambda e: e.name != names[0]) if e.model is not None), None)
+    toks: dict = {}  # each model's tokenizer
+    nll: dict[str, tuple[list[float], list[int]]] = {}  # perplexity: (summed NLL, tokens) of each answer
+    scored_ids: dict[str, Optional[list[list[int]]]] = {}  # the token ids each model's answers were generated as
+    cut: dict[str, list[float]] = {}  # 1.0 where a generated answer stopped at max_new_tokens without EOS
+    for e in entries:
         model = tok = None
         if e.model is not None:
             if e.name == cfg.kl_reference:
                 model, tok = ref_model, ref_tok
             else:
-                model, tok = load_entry(e.model, e.adapter_path, device)
+                model, tok = load_entry(e.model, e.adapter_path, device, checkpoint_of.get(e.name))
             if length_tok is None:
                 length_tok = tok
         wrapped = [wrap_prompt(p, cfg.data, tok) for p in prompts] if tok is not None else None
@@ -533,52 +987,113 @@ def run(cfg: Config, resume: bool = False) -> dict:
         else:
             completions[e.name], responses = generate_samples(model, tok, wrapped, cfg.generation, cfg.seed,
                                                               cfg.progress, f"generate {e.name}")
+            cut[e.name] = [float(len(r) >= cfg.generation.max_new_tokens and r[-1] != tok.eos_token_id)
+                           for r in responses]
+        scored_ids[e.name] = responses if not e.from_file else None
+        toks[e.name] = tok
         tokens[e.name] = token_count(tok, completions[e.name]) if tok is not None else None
         if model is not None and model is ref_model:
             kl[e.name] = 0.0  # the reference itself: no forwards needed
         elif ref_model is not None and model is not None:
             if not same_tokenizer(tok, ref_tok):
                 raise UserError(f"models '{e.name}': KL needs the reference's tokenizer; this model's differs")
-            kl_fn = sampled_kl if cfg.generation.do_sample else token_kl
-            kl[e.name] = float(np.mean(kl_fn(model, ref_model, tok, wrapped, responses, cfg.kl_batch_size)))
+            if cfg.generation.do_sample:  # sampled KL: log pi - log pi_ref on the sampled tokens
+                lp = sequence_logps(PolicyModel(model).eval(), tok, wrapped, responses, cfg.kl_batch_size)
+                ref_nll = answer_nll(ref_model, tok, wrapped, responses, cfg.kl_batch_size)
+                kl[e.name] = float(np.mean((lp.numpy() + np.asarray(ref_nll[0])).tolist()))
+                if scorer_name == cfg.kl_reference:
+                    nll[e.name] = ref_nll  # the perplexity scorer is the reference: this pass serves both
+            else:
+                kl[e.name] = float(np.mean(token_kl(model, ref_model, tok, wrapped, responses, cfg.kl_batch_size)))
         if model is not None and model is not ref_model:
             del model
             gc.collect()
-    for e in cfg.models:
+    for e in entries:
         if tokens[e.name] is None and length_tok is not None:
             tokens[e.name] = token_count(length_tok, completions[e.name])
+
+    # ---- perplexity of every model's answers under one scorer ----
+    if scorer_name is not None and any(e.name not in nll for e in entries):
+        se = next(e for e in entries if e.name == scorer_name)
+        if se.name == cfg.kl_reference:
+            scorer, scorer_tok = ref_model, ref_tok
+        else:
+            scorer, scorer_tok = load_entry(se.model, se.adapter_path, device, checkpoint_of.get(se.name))
+        seq2seq = bool(unwrap(scorer).config.is_encoder_decoder)
+        wrapped = [wrap_prompt(p, cfg.data, scorer_tok) for p in prompts]
+        for e in entries:
+            if e.name in nll:
+                continue
+            ids = scored_ids.get(e.name)
+            if ids is None or not same_tokenizer(toks[e.name], scorer_tok):
+                ids = [encode_completion(scorer_tok, c, seq2seq) for c in completions[e.name]]  # EOS appended
+            nll[e.name] = answer_nll(scorer, scorer_tok, wrapped, ids, cfg.kl_batch_size)
+        del scorer
     del ref_model
     gc.collect()
 
     # ---- scores ----
     m: dict = {"command": "eval", "prompts": n_prompts, "samples_per_prompt": per_prompt, "models": names,
-               "baseline": names[0], "judge": judge_name,
-               "completions_from": {e.name: ("file" if e.from_file else "generated") for e in cfg.models}}
+               "baseline": names[0], "judge": judge_name, "ci_level": cfg.ci_level,
+               "bootstrap_resamples": cfg.bootstrap_resamples,
+               "completions_from": {e.name: ("file" if e.from_file else "generated") for e in entries}}
+    boot = Bootstrap(n_prompts, per_prompt, cfg.bootstrap_resamples, cfg.seed, cfg.ci_level)
+    others = names[1:]
     judge: dict[str, list[float]] = {}
-    tox: dict[str, list[float]] = {}
-    parts_per_model: dict[str, dict[str, list[float]]] = {}
-    if cfg.toxicity:
-        scorer = validate_reward(Toxicity(cfg.toxicity, invert=False))
-        tox = {n: scorer(prompts, completions[n]) for n in names}
+    scores: dict[str, dict[str, list[float]]] = {}  # judge -> model -> score of every answer
+    if judge_cfgs:
+        m["judges"] = {}
+    for jc, jn in zip(judge_cfgs, jnames):
+        fn = build_judge(jc)
+        scores[jn] = {n: fn(prompts, completions[n]) for n in names}
+        m["judges"][jn] = judge_summary(jc, scores[jn], names, boot)
+        if judge_name == jn:
+            judge = {n: ([1.0 - p for p in scores[jn][n]] if jc.lower_is_better else scores[jn][n]) for n in names}
+    tox = scores[jnames[0]] if judge_cfgs and judge_cfgs[0].lower_is_better else {}
+    if tox:  # the first judge under the names of the detoxification recipe
         m["toxicity"] = {n: {"mean": float(np.mean(tox[n])), "std": float(np.std(tox[n]))} for n in names}
-        m["toxicity_change"] = {n: M.toxicity_change(tox[names[0]], tox[n]) for n in names[1:]}
-        if judge_name == "toxicity":
-            judge = {n: [1.0 - p for p in tox[n]] for n in names}
+        m["toxicity_change"] = {n: M.toxicity_change(tox[names[0]], tox[n]) for n in others}
+    parts_per_model: dict[str, dict[str, list[float]]] = {}
     if composite is not None:
         m["reward_names"] = ["total"] + part_names if len(part_names) > 1 else part_names
-        m["reward"] = {}
+        m["reward"], m["reward_change"] = {}, {}
         for n in names:
             total, raw = composite.score(prompts, completions[n], **columns)
             parts_per_model[n] = {"total": total, **raw}
             m["reward"][n] = {k: float(np.mean(v)) for k, v in parts_per_model[n].items()}
-            if judge_name != "toxicity":
+            if judge_name in parts_per_model[n]:
                 judge[n] = parts_per_model[n][judge_name]
+        m["reward_change"] = {n: {k: boot(_diff, parts_per_model[names[0]][k], parts_per_model[n][k])
+                                  for k in m["reward_names"]} for n in others}
     if references is not None:
-        m["rouge"] = {n: M.rouge(completions[n], references) for n in names}
+        rouge = {n: M.rouge_pairs(completions[n], references) for n in names}
+        for n in names:
+            rouge[n]["rouge_avg"] = list(np.mean([rouge[n][t] for t in ("rouge1", "rouge2", "rougeL")], axis=0))
+        m["rouge"] = {n: {t: float(np.mean(v)) for t, v in rouge[n].items()} for n in names}
+        m["rouge_change"] = {n: {t: boot(_diff, rouge[names[0]][t], rouge[n][t]) for t in rouge[n]} for n in others}
+    copy = {n: [M.copy_rate(c, p, cfg.copy_ngram) for c, p in zip(completions[n], prompts)] for n in names}
+    m["copy_ngram"] = cfg.copy_ngram
+    m["copy_rate"] = {n: float(np.mean(copy[n])) for n in names}
+    m["copy_rate_change"] = {n: boot(_diff, copy[names[0]], copy[n]) for n in others}
     relevance: dict[str, list[float]] = {}
+    uncopied: dict[str, list[float]] = {}
     if sources is not None:
         relevance = {n: M.semantic_relevance_pairs(completions[n], sources, cfg.relevance_model) for n in names}
+        uncopied = {n: relevance_uncopied(completions[n], prompts, sources, cfg.copy_ngram, cfg.relevance_model)
+                    for n in names}
         m["semantic_relevance"] = {n: float(np.mean(relevance[n])) for n in names}
+        m["relevance_uncopied"] = {n: float(np.mean(uncopied[n])) for n in names}
+        m["relevance_ratio"] = {n: {"semantic_relevance": boot(_ratio, relevance[names[0]], relevance[n]),
+                                    "relevance_uncopied": boot(_ratio, uncopied[names[0]], uncopied[n])}
+                                for n in others}
+    if nll:
+        m["perplexity_scorer"] = scorer_name
+        m["perplexity"] = {n: M.perplexity(*nll[n]) for n in names}
+        m["perplexity_ratio"] = {n: boot(_perplexity_ratio, *nll[names[0]], *nll[n]) for n in others}
+    if cut:
+        m["cut_at_cap"] = {n: float(np.mean(v)) for n, v in cut.items()}
+        if names[0] in cut:
+            m["cut_at_cap_change"] = {n: boot(_diff, cut[names[0]], cut[n]) for n in others if n in cut}
     if kl:
         m["kl"] = kl
         m["kl_reference"] = cfg.kl_reference or cfg.kl_reference_model.name_or_path
@@ -589,7 +1104,25 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if len(names) > 1:
         comp = compare(names, judge, cfg.elo_k, cfg.bt_prior)
         m.update(comp)
-        m["win_rate_vs_baseline"] = {n: comp["win_rate"][n][names[0]] for n in names[1:]}
+        m["win_rate_vs_baseline"] = {n: comp["win_rate"][n][names[0]] for n in others}
+        m["win_rate_ci"] = {n: boot(_win_rate, judge[names[0]], judge[n]) for n in others}
+    if len(names) > 1 and cfg.win_rates:
+        weights = {name: w for name, w, _ in composite.parts} if composite else {}
+
+        def named(spec: str, n: str) -> list[float]:
+            if spec.startswith("total-") and spec in without:
+                part = spec[len("total-"):]
+                return [t - weights[part] * r for t, r in zip(parts_per_model[n]["total"], parts_per_model[n][part])]
+            if spec in scores:
+                lower = next(c.lower_is_better for c, j in zip(judge_cfgs, jnames) if j == spec)
+                return [1.0 - x for x in scores[spec][n]] if lower else scores[spec][n]
+            return parts_per_model[n][spec]
+
+        m["win_rate_by"] = {w: {n: boot(_win_rate, named(w, names[0]), named(w, n)) for n in others}
+                            for w in cfg.win_rates}
+    curves = checkpoint_curves(cfg.models, entries, checkpoint_of, m, judge_cfgs, jnames)
+    if curves:
+        m["checkpoint_curves"] = curves
 
     # ---- samples, sorted by gain ----
     samples = []
@@ -605,6 +1138,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
             row["relevance"] = {n: relevance[n][i] for n in names}
         if tox:
             row["toxicity"] = {n: tox[n][i] for n in names}
+        if scores:
+            row["judges"] = {j: {n: scores[j][n][i] for n in names} for j in jnames}
+        row["copy_rate"] = {n: copy[n][i] for n in names}
         if parts_per_model:
             row["scores"] = {k: {n: parts_per_model[n][k][i] for n in names} for k in parts_per_model[names[0]]}
         row["index"] = i // per_prompt  # the prompt's position in the file (0-based)
@@ -616,18 +1152,13 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     # ---- files ----
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = {"reward_hist.png": histogram_png(judge, f"{judge_name} per prompt", judge_name)}
-    if tox:
-        images["toxicity_hist.png"] = histogram_png(tox, f"toxicity ({cfg.toxicity})", "p(toxic)")
-    panels = {f"{judge_name} (mean)": m["judge_mean"]}
-    if tox:
-        panels["toxicity (mean)"] = {n: m["toxicity"][n]["mean"] for n in names}
-    if kl:
-        panels[f"KL to {m['kl_reference']}"] = kl
-    panels["words (mean)"] = {n: m["length"][n]["words"] for n in names}
+    images = {"reward_hist.png": histogram_png(judge, f"{judge_name}, every answer", judge_name)}
+    if scores:
+        images["toxicity_cdf.png"] = cdf_png({j: scores[j] for j in jnames}, {j: m["judges"][j] for j in jnames})
     if len(names) > 1:
-        panels[f"win rate vs {names[0]}"] = {n: (m["win_rate_vs_baseline"].get(n, 0.5)) for n in names}
-    images["models.png"] = bars_png(panels)
+        images["models.png"] = bars_png(change_panels(m, jnames))
+    for family, curve in m.get("checkpoint_curves", {}).items():
+        images[f"overoptimisation_{family}.png"] = overoptimisation_png(family, curve, m)
     for fname, data in images.items():
         atomic_write_bytes(out_dir / fname, data)
     save_config(cfg, out_dir / "config.yaml")
@@ -640,4 +1171,5 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 __all__ = ["Config", "EvalModelConfig", "run", "summarize", "generate_samples", "sampled_kl", "token_kl",
-           "sequence_logps", "compare"]
+           "sequence_logps", "compare", "answer_nll", "relevance_uncopied", "load_trainable", "expand_checkpoints",
+           "checkpoint_curves", "judge_summary", "Bootstrap"]

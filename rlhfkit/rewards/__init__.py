@@ -23,8 +23,8 @@ naming the function, e.g. ``reward 'python:mymod:f' returned 3 values for 4 comp
 Modules (every name is re-exported here, so ``from rlhfkit.rewards import X`` is the import path):
 ``base`` (the contract, :func:`validate_reward`), ``classifiers`` (HF classifiers, sentiment, label
 match), ``reward_model`` (:class:`RewardModel`), ``toxicity``, ``text`` (length, token frequency,
-gibberish), ``custom`` (:class:`PythonReward`), ``composite`` (:class:`Composite`,
-:class:`ReferenceNormalized`, :func:`build_reward`).
+gibberish), ``custom`` (:class:`PythonReward`), ``judges`` (the named scorers of ``rlhfkit eval``),
+``composite`` (:class:`Composite`, :class:`ReferenceNormalized`, :func:`build_reward`).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from rlhfkit.rewards.base import RewardFn, ValidatedReward, check_rewards, join_
 from rlhfkit.rewards.classifiers import Classifier, LabelMatch, Sentiment, classifier_logits, vader_compound, vader_label
 from rlhfkit.rewards.composite import Composite, ReferenceNormalized, build_reward, reward_from_config
 from rlhfkit.rewards.custom import PythonReward, load_function
+from rlhfkit.rewards.judges import JUDGE_KINDS, EvalJudgeConfig, WordList, build_judge, judge_names, profanity_wordlist
 from rlhfkit.rewards.reward_model import (REWARD_SPEC, RewardModel, last_token_rewards, pad_right, reward_input_ids,
                                           reward_spec)
 from rlhfkit.rewards.text import (GIBBERISH_LABELS, RESOURCES, Gibberish, Length, TokenFrequency, english_words,
@@ -47,4 +48,5 @@ __all__ = [
     "english_words", "gibberish_parts", "gibberish_score", "gibberish_label", "gibberish_labels",
     "Gibberish", "ReferenceNormalized", "Composite", "PythonReward", "load_function",
     "reward_from_config", "build_reward", "GIBBERISH_LABELS", "REWARD_SPEC", "RESOURCES",
+    "EvalJudgeConfig", "WordList", "build_judge", "judge_names", "profanity_wordlist", "JUDGE_KINDS",
 ]
