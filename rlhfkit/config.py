@@ -239,6 +239,11 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas needs two numbers, got {self.adam_betas}")
         if self.precision in ("bf16", "fp16") and self.cpu:
             raise ConfigError(f"train.precision={self.precision} conflicts with train.cpu=true; use fp32 on CPU")
+        import importlib.util
+
+        for name in self.report_to:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"train.report_to: {name} is not installed; pip install 'rlhfkit[{name}]'")
 
 
 @dataclass

@@ -109,6 +109,27 @@ def test_4bit_layers_are_linear4bit_and_only_adapters_train(kind, llama64):
     assert out.shape == (1, 10)
 
 
+@needs_bnb
+@pytest.mark.unit
+def test_8bit_layers_are_linear8bitlt_and_adapters_get_gradients(llama64):
+    import bitsandbytes as bnb
+
+    from rlhfkit.models import PolicyModel, Reference, load_policy
+
+    lm, _ = load_policy(ModelConfig(name_or_path=llama64, load_in_8bit=True),
+                        LoraConfig(enabled=True, r=4, dropout=0.0, target_modules=["all-linear"]))
+    q = lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(q) is bnb.nn.Linear8bitLt and q.weight.dtype == torch.int8
+    policy = PolicyModel(lm)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    pi = policy(**batch)["logps"]
+    torch.testing.assert_close(Reference("disabled_adapter", policy=policy).logps(batch), pi.detach(), rtol=0, atol=1e-6)
+    pi.sum().backward()
+    grads = [p.grad for n, p in lm.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 # --------------------------------------------------------------------------------------------
 # learning: the full-precision tests, with a 4-bit base
 # --------------------------------------------------------------------------------------------
