@@ -117,8 +117,11 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: O
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                   dtype=dtype or resolve_dtype(cfg.dtype, device))
     quant = quantization_config(cfg, kwargs["dtype"])
-    if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device})
+    if quant is not None:  # a quantised model cannot be moved later: load it on this process's device
+        from accelerate import PartialState
+
+        place = PartialState().local_process_index if device.type == "cuda" else str(device)
+        kwargs.update(quantization_config=quant, device_map={"": place})
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if task == "classifier":
