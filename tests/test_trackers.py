@@ -212,3 +212,26 @@ def test_grpo_eval_samples_reach_wandb_as_a_table(tiny_llama, tmp_path):
     assert table["columns"] == ["prompt", "before", "after", "reward_before", "reward_after"]
     assert [r[0] for r in table["data"]] == [s["prompt"] for s in samples]
     assert [r[2] for r in table["data"]] == [s["completions"]["after"] for s in samples]
+
+
+@needs["tensorboard"]
+@needs["wandb"]
+@pytest.mark.trackers
+def test_only_the_main_process_logs(tiny_llama, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                        str(ROOT / "tests" / "scripts" / "ddp_trackers.py"), tiny_llama, data, str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    assert len(list((out / "tensorboard" / "rlhfkit").glob("events.out.tfevents.*"))) == 1  # one writer
+    ea = EventAccumulator(str(out / "tensorboard" / "rlhfkit"))
+    ea.Reload()
+    want = series(metrics_lines(out), "loss")
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in ea.Scalars("loss")] == want
+    assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 1  # one W&B run
