@@ -166,6 +166,14 @@ def test_qlora_sft_heldout_loss_falls_and_merged_save_is_dequantised(llama64, tm
         base = AutoModelForCausalLM.from_pretrained(llama64)(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
     assert (got - base).abs().max() > 0.1  # the adapter is in the merged weights
+    # `rlhfkit eval` with adapter_path on the 4-bit base: the adapter stays unmerged (peft's merge into
+    # a 4-bit base would quantise the sum again), so it computes the trained function and generates
+    from rlhfkit.recipes.evaluate import load_entry
+
+    ev, _ = load_entry(q4(llama64), str(out), torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(ev(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    assert ev.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 11)
 
 
 @needs_bnb
