@@ -221,3 +221,21 @@ def test_qlora_grpo_raises_reward(llama64, tmp_path):
     summary = grpo.run(cfg, reward_fn=letter_a)
     check_learned(summary, tmp_path / "run")  # held-out greedy reward +0.2, training reward +0.1
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@needs_bnb
+@pytest.mark.learning
+def test_qlora_reward_model_learns_marker_and_saved_model_reproduces_it(llama64, tmp_path):
+    from test_reward_recipe import check_saved_matches_recipe, marker_rows, rm_config
+
+    from rlhfkit.recipes import reward
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", marker_rows(240))
+    cfg = rm_config(llama64, data, tmp_path / "rm", max_steps=60, lr=3e-3)
+    cfg.model.load_in_4bit = True
+    cfg.lora.enabled, cfg.lora.dropout, cfg.lora.target_modules = True, 0.0, ["all-linear"]
+    summary = reward.run(cfg)
+    assert summary["eval_accuracy_start"] <= 0.75 and summary["eval_accuracy_end"] >= 0.9, summary  # as test_reward_recipe
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert "quantization_config" not in config  # saved merged into the dequantised base
+    check_saved_matches_recipe(cfg, summary)  # RewardModel(output_dir) reproduces the recipe's held-out numbers
