@@ -130,7 +130,8 @@ def mib(n: int) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| setting | trainable params | parameters MiB | quant state MiB | buffers MiB | gradients MiB | AdamW state MiB | model + optimizer MiB | RSS after step MiB | peak RSS MiB |"
+    head = ("| setting | trainable params | parameters MiB | quant state MiB | buffers MiB | gradients MiB | "
+            "AdamW state MiB | model + optimizer MiB | RSS after step MiB | peak RSS MiB |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         total = r["parameters"] + r["quant_state"] + r["buffers"] + r["gradients"] + r["optimizer"]
@@ -155,7 +156,8 @@ def fsdp_rows() -> tuple[list[dict], str]:
             p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
                                 "--worker", setting, "--strategy", "fsdp"], env=env, capture_output=True, text=True)
             if p.returncode != 0:
-                return rows, f"failed ({setting}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"
+                last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+                return rows, f"failed ({setting}): {last}"
             rows += [json.loads(line[len("RESULT "):]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     return rows, ""
 

@@ -69,7 +69,8 @@ def test_missing_bitsandbytes_is_one_line_naming_the_install(monkeypatch, llama6
     from rlhfkit.models import load_model
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(UserError) as e:
         load_model(q4(llama64))
     assert str(e.value) == "model.load_in_4bit needs bitsandbytes, which is not installed: pip install 'rlhfkit[quant]'"
@@ -124,7 +125,8 @@ def test_8bit_layers_are_linear8bitlt_and_adapters_get_gradients(llama64):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     pi = policy(**batch)["logps"]
-    torch.testing.assert_close(Reference("disabled_adapter", policy=policy).logps(batch), pi.detach(), rtol=0, atol=1e-6)
+    ref = Reference("disabled_adapter", policy=policy).logps(batch)
+    torch.testing.assert_close(ref, pi.detach(), rtol=0, atol=1e-6)
     pi.sum().backward()
     grads = [p.grad for n, p in lm.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -235,7 +237,8 @@ def test_qlora_reward_model_learns_marker_and_saved_model_reproduces_it(llama64,
     cfg.model.load_in_4bit = True
     cfg.lora.enabled, cfg.lora.dropout, cfg.lora.target_modules = True, 0.0, ["all-linear"]
     summary = reward.run(cfg)
-    assert summary["eval_accuracy_start"] <= 0.75 and summary["eval_accuracy_end"] >= 0.9, summary  # as test_reward_recipe
+    # as test_reward_recipe: a random scorer near 0.5 on the held-out pairs, one that found the marker near 1.0
+    assert summary["eval_accuracy_start"] <= 0.75 and summary["eval_accuracy_end"] >= 0.9, summary
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert "quantization_config" not in config  # saved merged into the dequantised base
     check_saved_matches_recipe(cfg, summary)  # RewardModel(output_dir) reproduces the recipe's held-out numbers

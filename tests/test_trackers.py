@@ -205,7 +205,8 @@ def test_grpo_eval_samples_reach_wandb_as_a_table(tiny_llama, tmp_path):
     out = run_cli("grpo", cfg, tmp_path)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     rows = wandb_history(out)
-    cell = {k[len("eval/samples/"):]: v for k, v in rows[2].items() if k.startswith("eval/samples/")}  # at the last step
+    prefix = "eval/samples/"
+    cell = {k[len(prefix):]: v for k, v in rows[2].items() if k.startswith(prefix)}  # logged at the last step
     assert cell["_type"] == "table-file" and cell["nrows"] == len(samples) > 0
     (path,) = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / cell["path"]))
     table = json.loads(Path(path).read_text())
@@ -223,8 +224,9 @@ def test_only_the_main_process_logs(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-                        str(ROOT / "tests" / "scripts" / "ddp_trackers.py"), tiny_llama, data, str(tmp_path / "run")],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29547", str(ROOT / "tests" / "scripts" / "ddp_trackers.py"), tiny_llama,
+                        data, str(tmp_path / "run")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run"

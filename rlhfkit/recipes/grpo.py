@@ -440,9 +440,10 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
         logger.info(f"{cfg.algorithm}: held-out greedy reward {start['reward']:.4f} -> {end['reward']:.4f}")
         if engine.is_main:
             write_samples(engine.out / "samples.jsonl", held, start, end)
-        engine.log_table("eval/samples", [{"prompt": it.text, "before": c0, "after": c1, "reward_before": r0, "reward_after": r1}
-                                          for it, c0, c1, r0, r1 in zip(held, start["completions"], end["completions"],
-                                                                        start["rewards"], end["rewards"])])
+        engine.log_table("eval/samples", [
+            {"prompt": it.text, "before": c0, "after": c1, "reward_before": r0, "reward_after": r1}
+            for it, c0, c1, r0, r1 in zip(held, start["completions"], end["completions"], start["rewards"],
+                                          end["rewards"])])
 
     def save(out):
         save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)

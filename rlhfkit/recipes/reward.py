@@ -47,7 +47,8 @@ from rlhfkit.data import DataStats, StepBatcher, Table, load_splits, preference_
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import pairwise_reward
 from rlhfkit.models import (ValueHead, apply_lora, hidden_size, is_quantized, load_hf_config, load_model, load_tokenizer,
-                            lora_targets, merge_dequantized, pick_device, prefix_sharing_supported, prefix_tree, prefix_tree_states, unwrap)
+                            lora_targets, merge_dequantized, pick_device, prefix_sharing_supported, prefix_tree,
+                            prefix_tree_states, unwrap)
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
 from rlhfkit.utils import atomic_write_json, logger, seed_everything
 
