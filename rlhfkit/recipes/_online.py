@@ -72,6 +72,10 @@ class HeldOutEval:
             logger.info(f"{command}: held-out greedy reward {start['reward']:.4f} -> {end['reward']:.4f}")
             if self.engine.is_main:
                 write_samples(self.engine.out / "samples.jsonl", self.held, start, end)
+            self.engine.log_table("eval/samples", [
+                {"prompt": it.text, "before": c0, "after": c1, "reward_before": r0, "reward_after": r1}
+                for it, c0, c1, r0, r1 in zip(self.held, start["completions"], end["completions"], start["rewards"],
+                                              end["rewards"])])
         return {"eval_reward_start": start["reward"] if start else None,
                 "eval_reward_end": end["reward"] if end else None}
 

@@ -70,7 +70,7 @@ from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig
 from rlhfkit.config import save_config
 from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
                           wrap_prompt)
-from rlhfkit.models import PolicyModel, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
+from rlhfkit.models import PolicyModel, is_quantized, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
 from rlhfkit.rewards import EvalJudgeConfig, build_judge, build_reward, judge_names
 from rlhfkit.rollout import reward_columns
 from rlhfkit.utils import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, logger
@@ -270,7 +270,8 @@ def load_entry(model_cfg: ModelConfig, adapter_path: Optional[str], device: torc
     model, tok = load_policy(model_cfg, lora, device)
     if checkpoint is not None:
         load_trainable(model, checkpoint)
-    if lora is not None and hasattr(model, "merge_and_unload"):
+    # (not into a 4-/8-bit base: peft would quantise the merged weights again and lose the adapter's change)
+    if lora is not None and hasattr(model, "merge_and_unload") and not is_quantized(model):
         model = model.merge_and_unload()
     model.eval().requires_grad_(False)
     return model, tok

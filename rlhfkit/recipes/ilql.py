@@ -681,6 +681,7 @@ def evaluate(model: nn.Module, tok, cfg: Config, samples: list[Sample], engine: 
         engine.log({f"eval/reward/{k}": v for k, v in results.items()})
         if engine.is_main:
             atomic_write_jsonl(engine.out / "eval_samples.jsonl", rows)
+        engine.log_table("eval/samples", rows)
         engine.extra_summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
     return results
 

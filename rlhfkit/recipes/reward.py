@@ -46,8 +46,9 @@ from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, Use
 from rlhfkit.data import DataStats, StepBatcher, Table, load_splits, preference_examples
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import pairwise_reward
-from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
-                            pick_device, prefix_sharing_supported, prefix_tree, prefix_tree_states, unwrap)
+from rlhfkit.models import (ValueHead, apply_lora, hidden_size, is_quantized, load_hf_config, load_model, load_tokenizer,
+                            lora_targets, merge_dequantized, pick_device, prefix_sharing_supported, prefix_tree,
+                            prefix_tree_states, unwrap)
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
 from rlhfkit.utils import atomic_write_json, logger, seed_everything
 
@@ -300,7 +301,8 @@ def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config) -> Non
     backbone = net.backbone
     if hasattr(backbone, "peft_config"):
         backbone.save_pretrained(out / "adapter", safe_serialization=True)
-        backbone = copy.deepcopy(backbone).merge_and_unload()
+        backbone = (merge_dequantized(backbone, out / "adapter") if is_quantized(backbone)  # QLoRA: dequantise
+                    else copy.deepcopy(backbone).merge_and_unload())
     backbone.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     spec = {"kind": "classifier", "max_length": cfg.model.max_length}
