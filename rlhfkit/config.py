@@ -198,6 +198,14 @@ class TrainConfig:
     """Save the final model (adapter-only for LoRA) into ``output_dir``."""
     progress: bool = True
     """Show a progress bar with rate and ETA."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How several processes share the work: ``auto`` (one process, or what the launcher asked
+    for: DDP under ``torchrun``/``accelerate launch``, FSDP2 or DeepSpeed from an accelerate config
+    file), ``ddp`` (a full copy per process, gradients averaged) or ``fsdp`` (FSDP2: parameters,
+    gradients and optimizer state sharded across the processes; sft, reward, dpo and kto only)."""
+    fsdp_cpu_offload: bool = False
+    """``strategy=fsdp``: keep the parameter shards, their gradients and the optimizer step in CPU
+    memory (fits larger models on small GPUs; slower)."""
 
     def validate(self) -> None:
         _check_choice("train.scheduler", self.scheduler, ["constant", "linear", "cosine"])
