@@ -218,12 +218,16 @@ def accelerate_config_env(config_file: str | os.PathLike, num_processes: Optiona
     argv = ["--config_file", str(config_file)]
     if num_processes is not None:
         argv += ["--num_processes", str(num_processes)]
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv + ["x.py"]))
-    if args.use_deepspeed:
+    args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv + ["x.py"]))
+    if args.use_deepspeed:  # as accelerate's launch_command does before its deepspeed launcher
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields + (["mixed_precision"] if mp_from_config else []))
         _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
-    return {k: str(v) for k, v in env.items()}
+    env = {k: str(v) for k, v in env.items()}
+    env.setdefault("WORLD_SIZE", str(args.num_processes))  # torchrun, which accelerate starts, sets it
+    return env
 
 
 def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str]] = None) -> dict:
@@ -239,7 +243,10 @@ def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str
         plan["strategy"] = strategy
     if plan["strategy"] == "fsdp" and command not in FSDP_RECIPES:
         raise ConfigError(f"train.strategy=fsdp is not supported by '{command}' (only {', '.join(FSDP_RECIPES)}); "
-                          "use ddp or deepspeed")
+                          "use ddp or DeepSpeed ZeRO-2")
+    if plan["strategy"] == "deepspeed" and plan["zero_stage"] == 3 and command not in FSDP_RECIPES:
+        raise ConfigError(f"DeepSpeed ZeRO-3 is not supported by '{command}' (only {', '.join(FSDP_RECIPES)}); "
+                          "use ZeRO-2 (examples/accelerate/zero2.yaml)")
     return plan
 
 
