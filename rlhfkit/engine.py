@@ -136,6 +136,7 @@ class Engine:
         else:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.gathered: Optional[dict[str, torch.Tensor]] = None
+        self.placed: list[nn.Module] = [self.unwrapped()]  # every module the Engine put on its device
         self.total_steps = total_steps
         self.step_count = 0
         self.samples = 0
@@ -327,6 +328,7 @@ class Engine:
         process). Frozen modules need no DDP wrapper: they get no gradients."""
         if module is None:
             return None
+        self.placed.append(module)
         if self.sharded:
             from rlhfkit.distributed import shard
 

@@ -20,7 +20,12 @@ from rlhfkit.config import LoraConfig, ModelConfig, UserError
 
 
 def pick_device(cpu: bool = False) -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
+    """This process's device: its own GPU (``cuda:LOCAL_RANK`` under torchrun/accelerate launch,
+    the one the Engine will use), else the CPU. Loading on a bare ``cuda`` put every process's
+    models on GPU 0 before the Engine moved the policy."""
+    if torch.cuda.is_available() and not cpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:

@@ -382,6 +382,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
     updates = cfg.ppo_epochs * cfg.minibatches
     engine = Engine(cfg.train, cfg.algorithm, cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch),
                     resume=resume, updates_per_step=updates)
+    engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     engine.extra_summary["data"] = stats.as_dict()
     device = engine.device
 
