@@ -84,3 +84,16 @@ def test_train_strategy_is_a_checked_choice():
     assert from_dict(TrainConfig, {"strategy": "fsdp"}).strategy == "fsdp"
     with pytest.raises(ConfigError, match="strategy"):
         from_dict(TrainConfig, {"strategy": "zero"})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "ilql", "reward"])
+def test_cli_refuses_fsdp_before_loading_anything(command, capsys, tmp_path):
+    from rlhfkit.cli import main
+
+    code = main([command, "model.name_or_path=/nonexistent/model", f"data.path={tmp_path}/missing.jsonl",
+                 "train.strategy=fsdp", f"train.output_dir={tmp_path}/out"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: train.strategy=fsdp is not supported by '{command}'"), err
+    assert len(err.strip().splitlines()) == 1
