@@ -41,7 +41,7 @@ from torch import nn
 
 from rlhfkit.config import ConfigError
 
-FSDP_RECIPES = ("sft", "dpo", "kto")
+FSDP_RECIPES = ("sft", "reward", "dpo", "kto")
 """Recipes tested under ``train.strategy=fsdp``; the others refuse it."""
 
 
@@ -151,7 +151,9 @@ def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path
     msd, osd = get_state_dict(model, optimizer)
     keep = _trainable_names(model)
     state = {"model": {k: v for k, v in msd.items() if k in keep}, "optimizer": osd}
-    dcp.load(state, checkpoint_id=str(folder))
+    # partial: a trainable weight that never got a gradient (e.g. the unused LM head of a reward
+    # model) has no optimizer state in the checkpoint; it keeps the empty state made here
+    dcp.load(state, checkpoint_id=str(folder), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))
 

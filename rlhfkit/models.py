@@ -231,13 +231,13 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, mer
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if merge and is_peft(model):
-        merged = _merged_copy(model, state_dict)
+        merged = merged_copy(model, state_dict)
         merged.save_pretrained(out / "merged", safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "merged")
 
 
-def _merged_copy(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+def merged_copy(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
     """A copy of the peft ``model`` with its active adapter merged into the base weights. From
     gathered weights (``state_dict``), the copy is rebuilt from the model's config on the CPU."""
     import copy

@@ -33,6 +33,12 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
         data = write_jsonl(data_dir / "prefs.jsonl", preference_rows(48))
         return dpo.Config(model=ModelConfig(name_or_path=model, max_length=64), reference=ReferenceConfig(kind="copy"),
                           data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train, beta=0.5)
+    if case == "reward":  # a value head on a causal model, full fine-tune
+        from rlhfkit.recipes import reward
+
+        data = write_jsonl(data_dir / "prefs.jsonl", preference_rows(48))
+        return reward.Config(model=ModelConfig(name_or_path=model, max_length=64),
+                             data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train)
     if case == "kto_lora":  # LoRA, the reference is the base with the adapter disabled
         from rlhfkit.recipes import kto
 

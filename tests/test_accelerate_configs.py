@@ -63,7 +63,7 @@ def test_strategy_conflicts_and_unsupported_recipes_are_refused(deepspeed_instal
     fsdp_env = accelerate_config_env(CONFIGS / "fsdp2.yaml")
     with pytest.raises(ConfigError, match="contradicts the accelerate config"):
         resolve_strategy("ddp", "sft", fsdp_env)
-    for command in ("ppo", "grpo", "rloo", "ilql", "reward"):
+    for command in ("ppo", "grpo", "rloo", "ilql"):
         with pytest.raises(ConfigError, match=f"train.strategy=fsdp is not supported by '{command}'"):
             resolve_strategy("fsdp", command, {})
         with pytest.raises(ConfigError, match="ZeRO-3 is not supported"):
@@ -87,7 +87,7 @@ def test_train_strategy_is_a_checked_choice():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "ilql", "reward"])
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "ilql"])
 def test_cli_refuses_fsdp_before_loading_anything(command, capsys, tmp_path):
     from rlhfkit.cli import main
 

@@ -20,7 +20,7 @@ from fsdp_cases import STEPS, config, run
 from helpers import trainable_params
 
 ROOT = Path(__file__).resolve().parents[1]
-PORTS = {"sft": 29641, "dpo": 29642, "kto_lora": 29643}
+PORTS = {"sft": 29641, "dpo": 29642, "kto_lora": 29643, "reward": 29644}
 
 
 def losses(out: Path) -> list[float]:
@@ -29,8 +29,12 @@ def losses(out: Path) -> list[float]:
 
 
 def max_rel(a: dict, b: dict) -> float:
+    """Largest difference of two state dicts relative to each tensor's largest entry (at least
+    1e-3: a tensor that stays ~0, like the reward head's bias that the pairwise loss cannot see,
+    is compared to 1e-8 absolute)."""
     assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max() / (b[k].float().abs().max() + 1e-12)) for k in a)
+    return max(float((a[k].float() - b[k].float()).abs().max() / max(float(b[k].float().abs().max()), 1e-3))
+               for k in a)
 
 
 def torchrun(case: str, model: str, tmp_path: Path) -> Path:
@@ -44,7 +48,7 @@ def torchrun(case: str, model: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora", "reward"])
 def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     one = tmp_path / "one"
     run(case, config(case, tiny_llama, tmp_path / "data", one, "auto", 8))
@@ -55,6 +59,11 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     for a, b in zip(fsdp_losses, ref_losses):
         assert abs(a - b) <= 1e-5 * abs(b), (fsdp_losses, ref_losses)
     assert max_rel(trainable_params(two / "full"), trainable_params(one)) < 1e-5
+    if case == "reward":
+        from safetensors.torch import load_file
+
+        head = [load_file(str(d / "value_head.safetensors")) for d in (two / "full", one)]
+        assert max_rel(*head) < 1e-5
 
     summary = json.loads((two / "full" / "summary.json").read_text())
     assert summary["processes"] == 2
