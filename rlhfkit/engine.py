@@ -1,7 +1,8 @@
 """The one training-loop helper every recipe uses.
 
-``Engine`` owns what is the same in every algorithm: accelerate set-up (CPU, one or many GPUs,
-DDP/FSDP/DeepSpeed from the accelerate config), the AdamW optimizer and the warm-up schedule,
+``Engine`` owns what is the same in every algorithm: accelerate set-up (CPU, one or many GPUs;
+``train.strategy``: DDP, FSDP2 through ``rlhfkit.distributed``, or DeepSpeed from an accelerate
+config), the AdamW optimizer and the warm-up schedule,
 gradient accumulation, clipping, mixed precision on GPU, checkpoints and ``--resume``, SIGINT/
 SIGTERM, ``metrics.jsonl``, ``summary.json`` and the progress bar. A recipe keeps the maths:
 it calls ``engine.step(loss_fn, micro_batches, weights)`` once per optimizer step.
