@@ -23,9 +23,10 @@ with the same code.
   (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and writes a normal Hugging
   Face folder that ``from_pretrained`` loads.
 
-Recipes that generate during training (ppo, grpo, rloo) and ILQL refuse ``strategy=fsdp``:
-generation calls the language model outside the sharded root's forward, which needs every
-module's weights gathered first (see docs/scale.md).
+sft, reward, dpo and kto run under ``strategy=fsdp``. Recipes that generate during training
+(ppo, grpo, rloo) refuse it: generation and their no-grad passes call the language model outside
+the sharded root's forward, which needs every module's weights gathered first; ilql refuses it
+too (its target Q heads live outside the Engine's model). See docs/scale.md.
 
 ``launcher_strategy()`` reads what ``accelerate launch --config_file`` asked for (its environment
 variables), so ``examples/accelerate/*.yaml`` choose DDP, FSDP2 or DeepSpeed ZeRO-2/3.
@@ -43,13 +44,6 @@ from rlhfkit.config import ConfigError
 
 FSDP_RECIPES = ("sft", "reward", "dpo", "kto")
 """Recipes tested under ``train.strategy=fsdp``; the others refuse it."""
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is an FSDP2 shard (a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def block_modules(module: nn.Module) -> list[nn.Module]:
@@ -121,12 +115,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _trainable_names(model: nn.Module) -> set[str]:
@@ -223,7 +211,8 @@ def accelerate_config_env(config_file: str | os.PathLike, num_processes: Optiona
     args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv + ["x.py"]))
     if args.use_deepspeed:  # as accelerate's launch_command does before its deepspeed launcher
         fields = list(defaults.deepspeed_config.keys()) if defaults else []
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields + (["mixed_precision"] if mp_from_config else []))
+        fields += ["mixed_precision"] if mp_from_config else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
         _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
@@ -252,6 +241,6 @@ def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str
     return plan
 
 
-__all__ = ["FSDP_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm", "configure_deepspeed", "full_state_dict",
-           "is_main_process", "is_sharded", "launcher_strategy", "load_shards", "local_numel", "resolve_strategy",
-           "save_shards", "shard"]
+__all__ = ["FSDP_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm", "configure_deepspeed",
+           "full_state_dict", "launcher_strategy", "load_shards", "local_numel", "resolve_strategy", "save_shards",
+           "shard"]

@@ -33,7 +33,8 @@ def test_every_shipped_config_is_covered():
 def deepspeed_installed(monkeypatch):
     """Pretend that DeepSpeed is installed (find_spec only; nothing imports it here)."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "deepspeed" else real(name, *a))
 
 
 @pytest.mark.unit
@@ -68,7 +69,8 @@ def test_strategy_conflicts_and_unsupported_recipes_are_refused(deepspeed_instal
             resolve_strategy("fsdp", command, {})
         with pytest.raises(ConfigError, match="ZeRO-3 is not supported"):
             resolve_strategy("auto", command, accelerate_config_env(CONFIGS / "zero3.yaml"))
-        assert resolve_strategy("auto", command, accelerate_config_env(CONFIGS / "zero2.yaml"))["strategy"] == "deepspeed"
+        zero2 = accelerate_config_env(CONFIGS / "zero2.yaml")
+        assert resolve_strategy("auto", command, zero2)["strategy"] == "deepspeed"
     assert resolve_strategy("auto", "sft", {}) == {"strategy": "single"}
     assert resolve_strategy("auto", "sft", {"WORLD_SIZE": "2"}) == {"strategy": "ddp"}
     assert resolve_strategy("fsdp", "sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",

@@ -80,7 +80,8 @@ def test_dpo_each_reference_kind(kind, placement, tiny_llama, tmp_path):  # noqa
 
     lora = LoraConfig(enabled=kind != "copy", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     if kind == "adapter":  # a trained adapter to start from (and to be the reference)
-        sft_cfg = short(case_config("sft", tiny_llama, tmp_path / "data", tmp_path / "sft", "auto", 4), tmp_path / "sft")
+        sft_cfg = case_config("sft", tiny_llama, tmp_path / "data", tmp_path / "sft", "auto", 4)
+        sft_cfg = short(sft_cfg, tmp_path / "sft")
         sft_cfg.lora = lora
         sft.run(sft_cfg)
         lora = LoraConfig(enabled=True, adapter_path=str(tmp_path / "sft"))
@@ -162,9 +163,11 @@ def test_prefs_and_eval(tiny_llama, tmp_path):
 @pytest.mark.parametrize("case", ["sft", "dpo"])
 def test_fsdp_on_two_gpus(case, tiny_llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655",
-                        str(ROOT / "tests" / "scripts" / "fsdp_run.py"), case, tiny_llama, str(tmp_path / "data"),
-                        str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29655", str(ROOT / "tests" / "scripts" / "fsdp_run.py"), case, tiny_llama,
+                        str(tmp_path / "data"), str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((tmp_path / "two" / "full" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["sharding"]["parameters_per_process"][0] < summary["sharding"]["parameters"]
+    shard = summary["sharding"]
+    assert summary["processes"] == 2 and max(shard["parameters_per_process"]) < 0.6 * shard["parameters"]

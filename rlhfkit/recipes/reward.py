@@ -305,7 +305,8 @@ def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config,
     weights = None if state_dict is None else {k[len("backbone."):]: v for k, v in state_dict.items()
                                                if k.startswith("backbone.")}
     if hasattr(backbone, "peft_config"):
-        backbone.save_pretrained(out / "adapter", safe_serialization=True, **({"state_dict": weights} if weights else {}))
+        backbone.save_pretrained(out / "adapter", safe_serialization=True,
+                                 **({"state_dict": weights} if weights else {}))
         backbone, weights = merged_copy(backbone, weights), None
     backbone.save_pretrained(out, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     tok.save_pretrained(out)
