@@ -204,8 +204,8 @@ class TrainConfig:
     file), ``ddp`` (a full copy per process, gradients averaged) or ``fsdp`` (FSDP2: parameters,
     gradients and optimizer state sharded across the processes; sft, reward, dpo and kto only)."""
     fsdp_cpu_offload: bool = False
-    """``strategy=fsdp``: keep the parameter shards, their gradients and the optimizer step in CPU
-    memory (fits larger models on small GPUs; slower)."""
+    """``strategy=fsdp`` on GPUs: keep the parameter shards, their gradients and the optimizer step
+    in CPU memory (fits larger models on small GPUs; slower)."""
 
     def validate(self) -> None:
         _check_choice("train.scheduler", self.scheduler, ["constant", "linear", "cosine"])

@@ -77,6 +77,8 @@ def shard(module: nn.Module, device: torch.device, mixed_precision: bool = False
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    if cpu_offload and device.type == "cpu":
+        raise ConfigError("train.fsdp_cpu_offload needs a GPU (on the CPU the shards already live in CPU memory)")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized():  # one process: FSDP2 still needs a process group
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -99,3 +99,13 @@ def test_cli_refuses_fsdp_before_loading_anything(command, capsys, tmp_path):
     assert code == 2
     assert err.startswith(f"error: train.strategy=fsdp is not supported by '{command}'"), err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.unit
+def test_cpu_offload_on_a_cpu_is_refused():
+    import torch
+
+    from rlhfkit.distributed import shard
+
+    with pytest.raises(ConfigError, match="fsdp_cpu_offload needs a GPU"):
+        shard(torch.nn.Linear(2, 2), torch.device("cpu"), cpu_offload=True)
