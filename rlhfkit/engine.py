@@ -245,6 +245,12 @@ class Engine:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)
         if self.cfg.checkpoint_every and self.step_count % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
+        if self.world_size > 1:  # a signal that reached one process stops them all at this step
+            import torch.distributed as dist
+
+            got = torch.tensor([self._signal or 0], device=self.device)
+            dist.all_reduce(got, op=dist.ReduceOp.MAX)
+            self._signal = int(got) or None
         if self._signal is not None:
             self.save_checkpoint()
             code = 130 if self._signal == signal.SIGINT else 143

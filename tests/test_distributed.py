@@ -2,8 +2,9 @@
 
 For each case, a 2-process FSDP2 run with 4 rows per process must equal a 1-process run with 8
 rows: the loss of every step to 1e-5 relative, the gathered final model to 1e-5; each process
-must hold about half of the parameters (its local shards); and a run continued from its step-2
-sharded checkpoint (``--resume``) must equal the uninterrupted one.
+must hold about half of the parameters (its local shards); and a run that one process gets
+SIGTERM in (both stop after step 2 and write the sharded checkpoint), continued with ``--resume``,
+must equal the uninterrupted one.
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
             assert 0.45 * shard["frozen_parameters"] <= held <= 0.55 * shard["frozen_parameters"], shard
     assert (two / "full" / "checkpoints" / "step-0000002" / "sharded").is_dir()
 
-    # resumed from the step-2 checkpoint: step 3 and the final model equal the uninterrupted run
+    # SIGTERM to one process after step 2, then --resume: step 3 and the final model equal the
+    # uninterrupted run
+    assert sorted(p.name for p in (two / "resumed" / "checkpoints").iterdir()) == ["step-0000002"]
     assert losses(two / "resumed")[-1] == pytest.approx(fsdp_losses[-1], rel=1e-6)
     assert max_rel(trainable_params(two / "resumed"), trainable_params(two / "full")) < 1e-6
     assert json.loads((two / "resumed" / "summary.json").read_text())["steps"] == STEPS
