@@ -223,6 +223,9 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, mer
         if state_dict is not None:
             state_dict = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
         model = model.lm
+    if state_dict is not None:  # tied weights (GPT-2's LM head, T5's embeddings) once, as from the module
+        tied = _tied_duplicates(model)
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     kwargs = {"state_dict": state_dict} if state_dict is not None else {}
     if is_peft(model):  # only the trained adapter, not a frozen reference adapter loaded beside it
         model.save_pretrained(out, safe_serialization=True, selected_adapters=[model.active_adapter], **kwargs)
@@ -235,6 +238,17 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, mer
         merged.save_pretrained(out / "merged", safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "merged")
+
+
+def _tied_duplicates(model: nn.Module) -> set[str]:
+    """Names under which a parameter already named earlier appears again (tied weights)."""
+    seen: set[int] = set()
+    dupes: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            dupes.add(name)
+        seen.add(id(p))
+    return dupes
 
 
 def merged_copy(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:

@@ -93,3 +93,24 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(one / sub)
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_t5"])
+def test_save_from_gathered_weights_equals_a_plain_save(fixture, request, tmp_path):
+    """Gathered weights are separate tensors even where the model ties them (GPT-2's LM head,
+    T5's embeddings); the folder saved from them holds the same tensors as a plain save."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from rlhfkit.models import save_pretrained
+
+    cls = AutoModelForSeq2SeqLM if fixture == "tiny_t5" else AutoModelForCausalLM
+    model = cls.from_pretrained(request.getfixturevalue(fixture))
+    gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_pretrained(model, None, tmp_path / "plain")
+    save_pretrained(model, None, tmp_path / "gathered", state_dict=gathered)
+    plain, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "gathered"))
+    assert plain.keys() == got.keys()
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], rtol=0, atol=0)
