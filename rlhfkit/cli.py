@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             print_help(command, module.Config, preset, getattr(module, "HELP", None))
             return 0
         cfg = load_config(module.Config, config_path, preset + overrides)
+        if hasattr(getattr(cfg, "train", None), "strategy"):  # a strategy the command cannot run: refuse it now
+            from rlhfkit.distributed import resolve_strategy
+
+            resolve_strategy(cfg.train.strategy, command)
         module.run(cfg, resume=flags["resume"])
         return 0
     except UserError as e:

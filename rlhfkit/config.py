@@ -217,6 +217,14 @@ class TrainConfig:
     """Save the final model (adapter-only for LoRA) into ``output_dir``."""
     progress: bool = True
     """Show a progress bar with rate and ETA."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How several processes share the work: ``auto`` (one process, or what the launcher asked
+    for: DDP under ``torchrun``/``accelerate launch``, FSDP2 or DeepSpeed from an accelerate config
+    file), ``ddp`` (a full copy per process, gradients averaged) or ``fsdp`` (FSDP2: parameters,
+    gradients and optimizer state sharded across the processes; sft, reward, dpo and kto only)."""
+    fsdp_cpu_offload: bool = False
+    """``strategy=fsdp`` on GPUs: keep the parameter shards, their gradients and the optimizer step
+    in CPU memory (fits larger models on small GPUs; slower)."""
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = field(default_factory=list)
     """Experiment trackers (accelerate's) that get every metric of ``metrics.jsonl`` at the same step,
     the resolved config once, and evaluation sample tables where the tracker has tables (wandb):

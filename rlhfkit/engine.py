@@ -1,7 +1,8 @@
 """The one training-loop helper every recipe uses.
 
-``Engine`` owns what is the same in every algorithm: accelerate set-up (CPU, one or many GPUs,
-DDP/FSDP/DeepSpeed from the accelerate config), the AdamW optimizer and the warm-up schedule,
+``Engine`` owns what is the same in every algorithm: accelerate set-up (CPU, one or many GPUs;
+``train.strategy``: DDP, FSDP2 through ``rlhfkit.distributed``, or DeepSpeed from an accelerate
+config), the AdamW optimizer and the warm-up schedule,
 gradient accumulation, clipping, mixed precision on GPU, checkpoints and ``--resume``, SIGINT/
 SIGTERM, ``metrics.jsonl``, ``summary.json`` and the progress bar. A recipe keeps the maths:
 it calls ``engine.step(loss_fn, micro_batches, weights)`` once per optimizer step.
@@ -96,14 +97,29 @@ class Engine:
         self.command = command
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
+        from rlhfkit import distributed
+
         cpu = cfg.cpu or not torch.cuda.is_available()
         device_type = "cpu" if cpu else "cuda"
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=resolve_precision(cfg, device_type),
+        self.plan = distributed.resolve_strategy(cfg.strategy, command)
+        self.sharded = self.plan["strategy"] == "fsdp"  # FSDP2 (rlhfkit.distributed), not accelerate's
+        precision = resolve_precision(cfg, device_type)
+        # under FSDP2 mixed precision is its MixedPrecisionPolicy, not accelerate's autocast
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision="no" if self.sharded else precision,
                                        **tracker_kwargs(cfg, self.out))
         self.is_main = self.accelerator.is_main_process
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device
+        self.mixed_precision = precision
+        self._frozen: list[nn.Module] = []  # prepare_frozen: sharded frozen modules (reported in summary.json)
+        self.n_frozen = 0
+        if self.sharded:
+            self.n_parameters = sum(p.numel() for p in model.parameters())
+            distributed.shard(model, self.device, mixed_precision=precision == "bf16",
+                              cpu_offload=cfg.fsdp_cpu_offload or self.plan.get("cpu_offload", False))
+        elif self.plan["strategy"] == "deepspeed":
+            distributed.configure_deepspeed(self.accelerator, cfg)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise RuntimeError("model has no trainable parameters")
@@ -118,7 +134,12 @@ class Engine:
         scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                                   optimizer, num_warmup_steps=cfg.warmup_steps * updates_per_step,
                                   num_training_steps=total_steps * updates_per_step)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if self.sharded:
+            self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        else:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.gathered: Optional[dict[str, torch.Tensor]] = None
+        self.placed: list[nn.Module] = [self.unwrapped()]  # every module the Engine put on its device
         self.total_steps = total_steps
         self.step_count = 0
         self.samples = 0
@@ -170,7 +191,10 @@ class Engine:
         for i, (mb, w) in enumerate(zip(micro_batches, weights)):
             mb = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mb.items()}
             last = i == len(micro_batches) - 1
-            ctx = self.accelerator.no_sync(self.model) if (not last and self.world_size > 1) else nullcontext()
+            sync = last or self.world_size == 1 or self.sharded  # FSDP2 reduce-scatters every micro-batch
+            if self.plan["strategy"] == "deepspeed":  # DeepSpeed steps at the boundary accelerate marks
+                self.accelerator.gradient_state._set_sync_gradients(last)
+            ctx = nullcontext() if sync else self.accelerator.no_sync(self.model)
             with ctx:
                 with self.accelerator.autocast():
                     loss, metrics = loss_fn(self.model, mb)
@@ -179,11 +203,24 @@ class Engine:
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * w
             self.samples += batch_samples(mb)
             self.tokens += batch_tokens(mb)
-        local_w = float(sum(weights))
-        out = {k: v / local_w for k, v in sums.items()}
+        out = {k: v / total_w for k, v in sums.items()}
+        if self.world_size > 1:  # metrics of the global batch, not of this process's share
+            import torch.distributed as dist
+
+            shares: list = [None] * self.world_size
+            dist.all_gather_object(shares, (sums, float(sum(weights))))
+            keys = {k for part, _ in shares for k in part}
+            out = {k: sum(part[k] for part, _ in shares if k in part) / sum(w for part, w in shares if k in part)
+                   for k in keys}
         if clip and self.cfg.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            out["grad_norm"] = float(norm)
+            if self.sharded:
+                from rlhfkit.distributed import clip_grad_norm
+
+                out["grad_norm"] = clip_grad_norm(list(self.model.parameters()), self.cfg.max_grad_norm)
+            else:
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+                if norm is not None:
+                    out["grad_norm"] = float(norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -214,6 +251,12 @@ class Engine:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)
         if self.cfg.checkpoint_every and self.step_count % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
+        if self.world_size > 1:  # a signal that reached one process stops them all at this step
+            import torch.distributed as dist
+
+            got = torch.tensor([self._signal or 0], device=self.device)
+            dist.all_reduce(got, op=dist.ReduceOp.MAX)
+            self._signal = int(got) or None
         if self._signal is not None:
             self.save_checkpoint()
             code = 130 if self._signal == signal.SIGINT else 143
@@ -259,6 +302,8 @@ class Engine:
         """Save the model (``save(output_dir)`` on the main process) and write summary.json."""
         self.close_bar()
         self.accelerator.wait_for_everyone()
+        if save is not None and self.plan["strategy"] in ("fsdp", "deepspeed"):
+            self.gathered = self.full_state_dict()  # a collective: every process takes part
         if save is not None and self.is_main:
             save(self.out)
         summary = {
@@ -275,6 +320,17 @@ class Engine:
             **self.extra_summary,
             **(extra or {}),
         }
+        if self.sharded:  # what each process held: its shards of the policy and of the frozen modules
+            import torch.distributed as dist
+
+            from rlhfkit.distributed import local_numel
+
+            mine = (local_numel(self.model), sum(local_numel(m) for m in self._frozen))
+            held: list = [None] * self.world_size
+            dist.all_gather_object(held, mine)
+            summary["sharding"] = {"parameters": self.n_parameters, "frozen_parameters": self.n_frozen,
+                                   "parameters_per_process": [h[0] for h in held],
+                                   "frozen_parameters_per_process": [h[1] for h in held]}
         if self.is_main:
             atomic_write_json(self.out / "summary.json", summary)
         if self.cfg.report_to:
@@ -284,6 +340,38 @@ class Engine:
 
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained model's full weights on the main process (CPU), gathered from FSDP2 shards or
+        DeepSpeed ZeRO partitions; a collective that every process must call."""
+        if self.sharded:
+            from rlhfkit.distributed import full_state_dict
+
+            return full_state_dict(self.model)
+        return {k: v.cpu() for k, v in self.accelerator.get_state_dict(self.model).items()}
+
+    def saved_state(self, prefix: str = "") -> Optional[dict[str, torch.Tensor]]:
+        """For a recipe's ``save``: the gathered weights under ``prefix`` (prefix removed) when the
+        model is sharded (FSDP2, DeepSpeed), else None (read the module itself)."""
+        if self.gathered is None:
+            return None
+        return {k[len(prefix):]: v for k, v in self.gathered.items() if k.startswith(prefix)}
+
+    def prepare_frozen(self, module: Optional[nn.Module]) -> Optional[nn.Module]:
+        """Place a frozen module the policy works with (a reference copy, a reward model) as the
+        policy is placed: on the Engine's device, sharded under ``strategy=fsdp`` (no full copy per
+        process). Frozen modules need no DDP wrapper: they get no gradients."""
+        if module is None:
+            return None
+        self.placed.append(module)
+        if self.sharded:
+            from rlhfkit.distributed import shard
+
+            self._frozen.append(module)
+            self.n_frozen += sum(p.numel() for p in module.parameters())
+            return shard(module, self.device, mixed_precision=self.mixed_precision == "bf16",
+                         cpu_offload=self.cfg.fsdp_cpu_offload or self.plan.get("cpu_offload", False), frozen=True)
+        return module.to(self.device)
 
     # ----------------------------------------------------------------------------------------
     # checkpoints: trainable weights (safetensors), optimizer/scheduler/RNG (weights_only load)
@@ -298,13 +386,24 @@ class Engine:
 
         self.accelerator.wait_for_everyone()
         final = self.out / "checkpoints" / f"step-{self.step_count:07d}"
+        tmp = final.with_name(final.name + ".tmp")
         if self.is_main:
-            tmp = final.with_name(final.name + ".tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if self.sharded:  # every process writes its own shards
+            from rlhfkit.distributed import save_shards
+
+            self.accelerator.wait_for_everyone()
+            save_shards(self.model, self.optimizer, tmp / "sharded")
+            self.accelerator.wait_for_everyone()
+        elif self.plan["strategy"] == "deepspeed":  # ZeRO partitions: accelerate writes DeepSpeed's own checkpoint
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(tmp / "deepspeed"))
+        if self.is_main:
+            if self.plan["strategy"] not in ("fsdp", "deepspeed"):
+                save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save({"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
@@ -332,13 +431,30 @@ class Engine:
 
             raise UserError(f"{self.out}/checkpoints: no checkpoint to resume from")
         ck = ckpts[-1]
-        model = self.unwrapped()
-        weights = load_file(str(ck / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
-        self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if self.sharded:
+            from rlhfkit.distributed import load_shards
+
+            if not (ck / "sharded").is_dir():
+                from rlhfkit.config import UserError
+
+                raise UserError(f"{ck}: not a train.strategy=fsdp checkpoint (no sharded/); resume with the strategy "
+                                "that wrote it")
+            load_shards(self.model, self.optimizer, ck / "sharded")
+        elif self.plan["strategy"] == "deepspeed":
+            self.accelerator.load_state(str(ck / "deepspeed"))
+        else:
+            if not (ck / "trainable.safetensors").is_file():
+                from rlhfkit.config import UserError
+
+                raise UserError(f"{ck}: written under another train.strategy (no trainable.safetensors); resume "
+                                "with the strategy that wrote it")
+            model = self.unwrapped()
+            weights = load_file(str(ck / "trainable.safetensors"))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in weights.items():
+                    params[n].copy_(t.to(params[n].device, params[n].dtype))
+            self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu"))
         self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
         rng = torch.load(ck / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])

@@ -20,7 +20,12 @@ from rlhfkit.config import LoraConfig, ModelConfig, UserError
 
 
 def pick_device(cpu: bool = False) -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
+    """This process's device: its own GPU (``cuda:LOCAL_RANK`` under torchrun/accelerate launch,
+    the one the Engine will use), else the CPU. Loading on a bare ``cuda`` put every process's
+    models on GPU 0 before the Engine moved the policy."""
+    if torch.cuda.is_available() and not cpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:
@@ -244,30 +249,37 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, merge: bool = False) -> None:
-    """Save as safetensors: adapter-only for peft models (plus ``merged/`` when asked), else full."""
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, merge: bool = False,
+                    state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Save as safetensors: adapter-only for peft models (plus ``merged/`` when asked), else full.
+
+    ``state_dict``: ``model``'s weights gathered from shards (FSDP2, DeepSpeed ZeRO-3; see
+    ``Engine.saved_state``), saved instead of the module's own (sharded) tensors.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PolicyModel):
         if model.value_head is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
-                      str(out / "value_head.safetensors"))
+            head = ({k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")}
+                    if state_dict is not None else model.value_head.state_dict())
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(out / "value_head.safetensors"))
+        if state_dict is not None:
+            state_dict = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
         model = model.lm
+    if state_dict is not None:  # tied weights (GPT-2's LM head, T5's embeddings) once, as from the module
+        tied = _tied_duplicates(model)
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
     if is_peft(model):  # only the trained adapter, not a frozen reference adapter loaded beside it
-        model.save_pretrained(out, safe_serialization=True, selected_adapters=[model.active_adapter])
+        model.save_pretrained(out, safe_serialization=True, selected_adapters=[model.active_adapter], **kwargs)
     else:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if merge and is_peft(model):
-        import copy
-
-        if is_quantized(model):
-            merged = merge_dequantized(model, out)
-        else:
-            merged = copy.deepcopy(model).merge_and_unload()
+        merged = merge_dequantized(model, out) if is_quantized(model) else merged_copy(model, state_dict)
         merged.save_pretrained(out / "merged", safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "merged")
@@ -286,6 +298,36 @@ def merge_dequantized(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
     base = base.dequantize(dtype=dtype)  # transformers: every bitsandbytes layer -> nn.Linear
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def _tied_duplicates(model: nn.Module) -> set[str]:
+    """Names under which a parameter already named earlier appears again (tied weights)."""
+    seen: set[int] = set()
+    dupes: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            dupes.add(name)
+        seen.add(id(p))
+    return dupes
+
+
+def merged_copy(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """A copy of the peft ``model`` with its active adapter merged into the base weights. From
+    gathered weights (``state_dict``), the copy is rebuilt from the model's config on the CPU."""
+    import copy
+
+    if state_dict is None:
+        return copy.deepcopy(model).merge_and_unload()
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    active = model.active_adapter
+    fresh = type(base)(copy.deepcopy(base.config))
+    peft_model = get_peft_model(fresh, copy.deepcopy(model.peft_config[active]), adapter_name=active)
+    missing, _ = peft_model.load_state_dict(state_dict, strict=False)
+    if missing:
+        raise RuntimeError(f"merging gathered weights: {len(missing)} missing, e.g. {missing[0]}")
+    return peft_model.merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------------

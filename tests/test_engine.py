@@ -105,6 +105,10 @@ def test_two_processes_equal_one_process_on_concatenated_batch(tiny_llama, tmp_p
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
     assert _close(trainable_params(tmp_path / "one"), trainable_params(tmp_path / "two"), 0) < 1e-6
+    # the logged loss is that of the global batch (both processes), as in one process
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for d in ("one", "two")]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 @pytest.mark.unit

@@ -210,6 +210,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
                           cfg.train.group_by_length, world, rank)
     engine = Engine(cfg.train, "dpo", cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume)
     engine.extra_summary["data"] = stats.as_dict()
+    engine.prepare_frozen(reference.model)  # the frozen copy: on the Engine's device, sharded under fsdp
     autocast = engine.accelerator.autocast
     pad = tok.pad_token_id
 
@@ -277,7 +278,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
         extra["reference_cache"] = cache_info
 
     def save(out):
-        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
+        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save,
+                        state_dict=engine.saved_state("lm."))  # gathered weights under fsdp / ZeRO-3
 
     return engine.finish(save if cfg.train.save_model else None, extra)
 

@@ -214,6 +214,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     updates = cfg.ppo_epochs * cfg.minibatches
     engine = Engine(cfg.train, cfg.algorithm, cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch),
                     resume=resume, updates_per_step=updates)
+    engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     engine.extra_summary["data"] = stats.as_dict()
     evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference if cfg.kl_coef > 0 else None,
                              cfg.train.batch_size, cfg.train.eval_every)

@@ -289,6 +289,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                     updates_per_step=cfg.ppo_epochs * n_mb,
                     lr_groups={"policy.value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None)
     engine.extra_summary["data"] = stats.as_dict()
+    engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     kl_ctl = (losses.AdaptiveKLController(state["kl_coef"], cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else losses.FixedKLController(state["kl_coef"]))
     moments = RunningMoments(state["moments"])

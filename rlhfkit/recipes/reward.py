@@ -34,7 +34,6 @@ training, every ``train.eval_every`` steps, and at the end.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -292,23 +291,33 @@ def reward_stats(net: RewardNet, pairs: list[Pair], pad_id: int, batch_size: int
 # ---------------------------------------------------------------------------------------------
 
 
-def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config) -> None:
+def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config,
+                      state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """``state_dict``: ``net``'s weights gathered from shards (``Engine.saved_state()`` under
+    ``train.strategy=fsdp``), saved instead of the module's own (sharded) tensors."""
     from pathlib import Path
 
     from safetensors.torch import save_file
 
+    from rlhfkit.models import merged_copy
+
     out = Path(out)
     backbone = net.backbone
+    weights = None if state_dict is None else {k[len("backbone."):]: v for k, v in state_dict.items()
+                                               if k.startswith("backbone.")}
     if hasattr(backbone, "peft_config"):
-        backbone.save_pretrained(out / "adapter", safe_serialization=True)
+        backbone.save_pretrained(out / "adapter", safe_serialization=True,
+                                 **({"state_dict": weights} if weights else {}))
         backbone = (merge_dequantized(backbone, out / "adapter") if is_quantized(backbone)  # QLoRA: dequantise
-                    else copy.deepcopy(backbone).merge_and_unload())
-    backbone.save_pretrained(out, safe_serialization=True)
+                    else merged_copy(backbone, weights))
+        weights = None
+    backbone.save_pretrained(out, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     tok.save_pretrained(out)
     spec = {"kind": "classifier", "max_length": cfg.model.max_length}
     if net.value_head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.value_head.state_dict().items()},
-                  str(out / "value_head.safetensors"))
+        head = (net.value_head.state_dict() if state_dict is None else
+                {k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")})
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(out / "value_head.safetensors"))
         spec = {"kind": "lm_value_head", "model_type": "seq2seq" if backbone.config.is_encoder_decoder else "causal",
                 "hf_model_type": backbone.config.model_type, "max_length": cfg.model.max_length}
     atomic_write_json(out / REWARD_SPEC, spec)
@@ -373,7 +382,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     logger.info(f"reward: training-set rewards mean {stats_rm['mean']:.4f} std {stats_rm['std']:.4f} (reward_stats.json)")
 
     def save(out):
-        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg)
+        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg, state_dict=engine.saved_state())
 
     return engine.finish(save if cfg.train.save_model else None, extra)
 

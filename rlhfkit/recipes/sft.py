@@ -128,7 +128,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
                     f"({extra['eval_loss_drop_pct']:.1f}% lower)")
 
     def save(out):
-        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
+        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save,
+                        state_dict=engine.saved_state("lm."))  # gathered weights under fsdp / ZeRO-3
 
     return engine.finish(save if cfg.train.save_model else None, extra)
 

@@ -1,0 +1,56 @@
+"""Configs shared by the two-process FSDP2 tests and their one-process references.
+
+Every case runs 3 optimizer steps with a checkpoint at step 2; ``batch_size`` is per process, so
+2 processes x ``batch_size`` equals the one-process batch. ``adam_eps=1.0`` keeps the Adam update
+proportional to the gradient, so a wrong gradient shows in the weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import sft_config, sft_rows, write_jsonl
+from pref_data import preference_rows, unpaired_rows
+
+STEPS = 3
+
+
+def train_kw(strategy: str, batch_size: int) -> dict:
+    return dict(batch_size=batch_size, max_steps=STEPS, adam_eps=1.0, lr=0.05, strategy=strategy, checkpoint_every=2,
+                keep_checkpoints=5, max_grad_norm=1.0)
+
+
+def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batch_size: int):
+    from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig
+
+    if case == "sft":
+        data = write_jsonl(data_dir / "sft.jsonl", sft_rows(40))
+        return sft_config(model, data, out, **train_kw(strategy, batch_size))
+    train = TrainConfig(output_dir=str(out), progress=False, group_by_length=False, seed=0,
+                        **train_kw(strategy, batch_size))
+    if case == "dpo":  # full fine-tune with a separate frozen reference (sharded too)
+        from rlhfkit.recipes import dpo
+
+        data = write_jsonl(data_dir / "prefs.jsonl", preference_rows(48))
+        return dpo.Config(model=ModelConfig(name_or_path=model, max_length=64), reference=ReferenceConfig(kind="copy"),
+                          data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train, beta=0.5)
+    if case == "reward":  # a value head on a causal model, full fine-tune
+        from rlhfkit.recipes import reward
+
+        data = write_jsonl(data_dir / "prefs.jsonl", preference_rows(48))
+        return reward.Config(model=ModelConfig(name_or_path=model, max_length=64),
+                             data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train)
+    if case == "kto_lora":  # LoRA, the reference is the base with the adapter disabled
+        from rlhfkit.recipes import kto
+
+        data = write_jsonl(data_dir / "kto.jsonl", unpaired_rows(preference_rows(24)))
+        return kto.Config(model=ModelConfig(name_or_path=model, max_length=64),
+                          lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                          merge_on_save=True),
+                          data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train)
+    raise ValueError(case)
+
+
+def run(case: str, cfg, resume: bool = False) -> dict:
+    from importlib import import_module
+
+    return import_module(f"rlhfkit.recipes.{case.split('_')[0]}").run(cfg, resume=resume)

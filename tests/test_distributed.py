@@ -1,0 +1,116 @@
+"""Sharded training (train.strategy=fsdp, FSDP2) with 2 processes on the CPU (torchrun, gloo).
+
+For each case, a 2-process FSDP2 run with 4 rows per process must equal a 1-process run with 8
+rows: the loss of every step to 1e-5 relative, the gathered final model to 1e-5; each process
+must hold about half of the parameters (its local shards); and a run that one process gets
+SIGTERM in (both stop after step 2 and write the sharded checkpoint), continued with ``--resume``,
+must equal the uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdp_cases import STEPS, config, run
+from helpers import trainable_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PORTS = {"sft": 29641, "dpo": 29642, "kto_lora": 29643, "reward": 29644}
+
+
+def losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def max_rel(a: dict, b: dict) -> float:
+    """Largest difference of two state dicts relative to each tensor's largest entry (at least
+    1e-3: a tensor that stays ~0, like the reward head's bias that the pairwise loss cannot see,
+    is compared to 1e-8 absolute)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max() / max(float(b[k].float().abs().max()), 1e-3))
+               for k in a)
+
+
+def torchrun(case: str, model: str, tmp_path: Path) -> Path:
+    out = tmp_path / "two"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(PORTS[case]), str(ROOT / "tests" / "scripts" / "fsdp_run.py"), case, model,
+                        str(tmp_path / "data"), str(out)], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora", "reward"])
+def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
+    one = tmp_path / "one"
+    run(case, config(case, tiny_llama, tmp_path / "data", one, "auto", 8))
+    two = torchrun(case, tiny_llama, tmp_path)
+
+    ref_losses, fsdp_losses = losses(one), losses(two / "full")
+    assert len(ref_losses) == len(fsdp_losses) == STEPS
+    for a, b in zip(fsdp_losses, ref_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (fsdp_losses, ref_losses)
+    assert max_rel(trainable_params(two / "full"), trainable_params(one)) < 1e-5
+    if case == "reward":
+        from safetensors.torch import load_file
+
+        head = [load_file(str(d / "value_head.safetensors")) for d in (two / "full", one)]
+        assert max_rel(*head) < 1e-5
+
+    summary = json.loads((two / "full" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    shard = summary["sharding"]
+    for held in shard["parameters_per_process"]:  # each process holds about half of every tensor
+        assert 0.45 * shard["parameters"] <= held <= 0.55 * shard["parameters"], shard
+    assert sum(shard["parameters_per_process"]) >= shard["parameters"]
+    if case == "dpo":  # the separate reference is sharded too: no full copy per process
+        assert shard["frozen_parameters"] == shard["parameters"]
+        for held in shard["frozen_parameters_per_process"]:
+            assert 0.45 * shard["frozen_parameters"] <= held <= 0.55 * shard["frozen_parameters"], shard
+    assert (two / "full" / "checkpoints" / "step-0000002" / "sharded").is_dir()
+
+    # SIGTERM to one process after step 2, then --resume: step 3 and the final model equal the
+    # uninterrupted run
+    assert sorted(p.name for p in (two / "resumed" / "checkpoints").iterdir()) == ["step-0000002"]
+    assert losses(two / "resumed")[-1] == pytest.approx(fsdp_losses[-1], rel=1e-6)
+    assert max_rel(trainable_params(two / "resumed"), trainable_params(two / "full")) < 1e-6
+    assert json.loads((two / "resumed" / "summary.json").read_text())["steps"] == STEPS
+
+    if case in ("sft", "kto_lora"):  # the gathered folder (merged for LoRA) is a normal Hugging Face model
+        from transformers import AutoModelForCausalLM
+
+        sub = "merged" if case == "kto_lora" else ""
+        model = AutoModelForCausalLM.from_pretrained(two / "full" / sub)
+        ref = AutoModelForCausalLM.from_pretrained(one / sub)
+        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_t5"])
+def test_save_from_gathered_weights_equals_a_plain_save(fixture, request, tmp_path):
+    """Gathered weights are separate tensors even where the model ties them (GPT-2's LM head,
+    T5's embeddings); the folder saved from them holds the same tensors as a plain save."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from rlhfkit.models import save_pretrained
+
+    cls = AutoModelForSeq2SeqLM if fixture == "tiny_t5" else AutoModelForCausalLM
+    model = cls.from_pretrained(request.getfixturevalue(fixture))
+    gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_pretrained(model, None, tmp_path / "plain")
+    save_pretrained(model, None, tmp_path / "gathered", state_dict=gathered)
+    plain, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "gathered"))
+    assert plain.keys() == got.keys()
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], rtol=0, atol=0)
