@@ -45,8 +45,8 @@ responses), ``reward/<part>`` (mean raw value of each part), ``advantage/zero_st
 without EOS), ``loss``, ``grad_norm``, ``lr``, and seconds per phase: ``time/generate``,
 ``time/reward``, ``time/reference`` (reference and old-policy log-prob passes), ``time/update``.
 Optimizer-update metrics are averaged over the iteration's updates. Evaluation: the mean reward
-of greedy responses to the held-out prompts (at most ``eval_max_rows``) before training, every
-``train.eval_every`` iterations, and at the end (``eval_reward_start`` / ``eval_reward_end`` in
+of greedy responses to the held-out prompts (at most ``eval.max_rows``) before training, every
+``eval.every`` iterations, and at the end (``eval_reward_start`` / ``eval_reward_end`` in
 summary.json; the responses in ``samples.jsonl``, the run viewer's format).
 
 Deliberate deviations:
@@ -74,13 +74,13 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 
 from rlhfkit.config import (
     ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig, TrainConfig,
-    UserError, _check_choice, _check_positive,
+    EvalConfig, UserError, _check_choice, _check_positive,
 )
 from rlhfkit.data import DataStats, StepBatcher, encode_prompt, fit_lengths, load_splits, prompt_examples
 from rlhfkit.engine import Engine, process_info, total_steps_for
@@ -97,6 +97,7 @@ MODEL_KEYS = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
 
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"train.eval_every": "eval.every", "eval_max_rows": "eval.max_rows"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (and, for full fine-tunes, the reference it starts from)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -139,8 +140,9 @@ class Config:
     loss_aggregation: str = "token"
     """``token``: mean over all valid tokens of a minibatch (DAPO); ``sequence``: mean over each
     response's tokens, then over responses (the GRPO paper)."""
-    eval_max_rows: Optional[int] = 64
-    """Held-out prompts for the greedy-response reward evaluation (None: all)."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_rows=64))
+    """Greedy-response reward evaluation on held-out prompts: how often, and how many prompts
+    (``max_rows``; None: all)."""
 
     def validate(self) -> None:
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
@@ -159,8 +161,6 @@ class Config:
         if self.train.grad_accum != 1:
             raise ConfigError("train.grad_accum must be 1 for grpo/rloo: a minibatch is one optimizer step, "
                               "accumulated over micro-batches of train.batch_size responses")
-        if self.eval_max_rows is not None and self.eval_max_rows < 0:
-            raise ConfigError(f"eval_max_rows must be >= 0, got {self.eval_max_rows}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +370,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
     stats, held_stats = DataStats(), DataStats()
     prompts = prepare_prompts(train_table, cfg, tok, seq2seq, stats)
     held = prepare_prompts(held_table, cfg, tok, seq2seq, held_stats) if held_table else []
-    if cfg.eval_max_rows is not None:
-        held = held[: cfg.eval_max_rows]
+    if cfg.eval.max_rows is not None:
+        held = held[: cfg.eval.max_rows]
     logger.info(f"{cfg.algorithm}: {len(prompts)} training prompts x {cfg.group_size} responses, "
                 f"{len(held)} held-out prompts")
 
@@ -432,7 +432,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
         metrics.update(reward_metrics(b, cfg.group_size, engine))
         metrics.update(times)
         engine.end_step(metrics, extra_seconds=t2 - t0)
-        if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
+        if cfg.eval.every and engine.step_count % cfg.eval.every == 0 and not engine.done:
             run_eval()
     end = run_eval()
     extra = {"eval_reward_start": start["reward"] if start else None, "eval_reward_end": end["reward"] if end else None}
