@@ -384,7 +384,7 @@ def group_scores(judge: PairwiseJudge, prompts: Sequence[str], completions: Sequ
     if len(completions) % n:
         raise UserError(f"group_scores: {len(completions)} completions are not groups of {n}")
     if n < 2:
-        raise UserError("the pairwise judge needs at least two samples per prompt (num_samples >= 2)")
+        raise UserError("the pairwise judge needs at least two samples per prompt (samples_per_prompt >= 2)")
     xs, ia, ib = [], [], []
     for g in range(0, len(completions), n):
         for i in range(n):
