@@ -362,6 +362,14 @@ def check_best_metric(train: TrainConfig, command: str, logged: list[str]) -> No
         raise ConfigError(f"train.best_metric='{train.best_metric}' is never logged by {command} ({have}){hint}")
 
 
+def check_live_reference(reference: ReferenceConfig, command: str) -> None:
+    """Online recipes score fresh samples: refuse the offline recipes' precomputed reference keys."""
+    for key in ("precompute", "cache_dir"):
+        if getattr(reference, key) not in (False, None):
+            raise ConfigError(f"reference.{key} applies to dpo and kto only; {command} computes the reference "
+                              "log-probs of its fresh samples live")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading: YAML + dotted overrides -> typed dataclass
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ class JudgeConfig:
     """Answers of the pointwise judge, e.g. ``["1", ..., "10"]`` or ``["No", "Yes"]``."""
     values: Optional[list[float]] = None
     """Value of each label (default: the labels read as numbers); the score is their expectation."""
-    chat_template: str = "auto"
+    chat_template: Literal["auto", "true", "false"] = "auto"
     """Send the judge prompt through the tokenizer's chat template: ``auto``, ``true`` or ``false``."""
     system_prompt: Optional[str] = None
     """System message of the judge."""

@@ -58,7 +58,11 @@ class Config:
 
 
 def run(cfg: Config, resume: bool = False, chat: Optional[ChatFn] = None) -> dict:
-    """Revise every prompt's answer. Python callers may pass ``chat`` (a ``ChatFn``) instead of a model."""
+    """Revise every prompt's answer. Python callers may pass ``chat`` (a ``ChatFn``) instead of a model.
+
+    ``revisions.jsonl`` is the state: prompts revised by an earlier run in ``output_dir`` are kept
+    and skipped whether or not ``resume`` (``--resume``) is set, as ``prefs`` does; delete the folder
+    to start again."""
     import torch
 
     from rlhfkit.recipes.prefs import load_prompts, read_rows

@@ -80,7 +80,7 @@ import torch
 
 from rlhfkit.config import (
     ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig, TrainConfig,
-    EvalConfig, UserError, _check_choice, _check_positive,
+    EvalConfig, UserError, _check_choice, _check_positive, check_live_reference,
 )
 from rlhfkit.data import DataStats, StepBatcher, encode_prompt, fit_lengths, load_splits, prompt_examples
 from rlhfkit.engine import Engine, process_info, total_steps_for
@@ -145,6 +145,7 @@ class Config:
     (``max_rows``; None: all)."""
 
     def validate(self) -> None:
+        check_live_reference(self.reference, self.algorithm)
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
         _check_positive("prompts_per_step", self.prompts_per_step)

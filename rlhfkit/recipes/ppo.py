@@ -45,7 +45,7 @@ from torch import nn
 
 from rlhfkit import losses
 from rlhfkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig,
-                            TrainConfig, UserError)
+                            TrainConfig, UserError, check_live_reference)
 from rlhfkit.data import StepBatcher, Table, encode_prompt, load_splits, user_prompt, wrap_prompt
 from rlhfkit.engine import Engine, process_info
 from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, load_policy, save_pretrained, unwrap
@@ -128,6 +128,7 @@ class Config:
     """Held-out prompts scored with greedy decoding at the start and the end."""
 
     def validate(self) -> None:
+        check_live_reference(self.reference, "ppo")
         for key in ("rollout_batch_size", "ppo_epochs", "samples_per_prompt"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
