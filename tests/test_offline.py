@@ -1,0 +1,147 @@
+"""The offline recipes (sft, reward, dpo, kto, ilql) on their shared set-up and loop:
+a run stopped by SIGTERM and resumed equals the uninterrupted run; the best checkpoint; periodic
+held-out evaluation (ilql's included); every shared key honoured or refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import sft_rows, write_jsonl
+from pref_data import preference_rows
+from rlhfkit.config import ConfigError, make_config
+from rlhfkit.engine import Engine, Interrupted
+from rlhfkit.recipes import dpo, ilql, kto, reward, sft
+
+RECIPES = {"sft": sft, "reward": reward, "dpo": dpo, "kto": kto, "ilql": ilql}
+
+
+def ilql_rows(n: int) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    pool = ["cat", "dog", "sun", "red", "sky", "big", "old", "new"]
+    return [{"prompt": f"{rng.choice(pool)}:", "output": " ".join(rng.choice(pool) for _ in range(4)),
+             "reward": rng.random()} for _ in range(n)]
+
+
+def recipe_config(command: str, model: str, tmp_path: Path, out: str, **over):
+    """A small config of ``command`` on a tiny model: 48 training rows, 12 held out, eval every 2 steps."""
+    train = dict(output_dir=str(tmp_path / out), lr=3e-3, batch_size=4, max_steps=6, progress=False,
+                 group_by_length=False, seed=0)
+    train.update(over.pop("train", {}))
+    data = dict(eval_fraction=0.2, chat_template="false")
+    if command == "sft":
+        data.update(path=write_jsonl(tmp_path / "sft.jsonl", sft_rows(60)), columns={"completion": "summary"},
+                    prompt_template="Summarize: {dialogue}\nSummary:")
+    elif command == "ilql":
+        data.update(path=write_jsonl(tmp_path / "ilql.jsonl", ilql_rows(60)))
+    else:
+        data.update(path=write_jsonl(tmp_path / "prefs.jsonl", preference_rows(60)))
+    cfg = dict(model={"name_or_path": model, "max_length": 64}, data=data, train=train, eval={"every": 2})
+    if command == "ilql":
+        cfg["generation"] = {"max_new_tokens": 4}
+    return make_config(RECIPES[command].Config, {**cfg, **over}, source="test")
+
+
+def outputs(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every top-level safetensors file of a run (model, heads, value head)."""
+    from safetensors.torch import load_file
+
+    return {f"{f.name}:{k}": v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def logged(out: Path) -> dict[tuple[int, str], float]:
+    """(step, key) -> value of the losses and held-out metrics in metrics.jsonl (timings left out)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): v for r in rows for k, v in r.items()
+            if k == "loss" or k.startswith("eval/") or k.startswith("loss/")}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", list(RECIPES))
+def test_sigterm_then_resume_equals_the_uninterrupted_run(command, tiny_llama, tmp_path, monkeypatch):
+    module = RECIPES[command]
+    module.run(recipe_config(command, tiny_llama, tmp_path, "full"))
+
+    # the same run, sent SIGTERM during step 3: it finishes the step, writes a checkpoint and stops
+    end_step = Engine.end_step
+
+    def end_step_with_sigterm(self, metrics, *a, **k):
+        if self.step_count == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the Engine's handler: finish this step, then checkpoint
+        return end_step(self, metrics, *a, **k)
+
+    cfg = recipe_config(command, tiny_llama, tmp_path, "part")
+    monkeypatch.setattr(Engine, "end_step", end_step_with_sigterm)
+    with pytest.raises(Interrupted) as stop:
+        module.run(cfg)
+    assert stop.value.code == 143
+    monkeypatch.setattr(Engine, "end_step", end_step)
+    assert [c.name for c in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-0000003"]
+    assert not list((tmp_path / "part").glob("*.safetensors"))  # stopped before the final save
+    summary = module.run(cfg, resume=True)
+    assert summary["steps"] == 6
+
+    full, part = outputs(tmp_path / "full"), outputs(tmp_path / "part")
+    assert full.keys() == part.keys() and full
+    assert max(float((full[k].float() - part[k].float()).abs().max()) for k in full) < 1e-6
+    a, b = logged(tmp_path / "full"), logged(tmp_path / "part")
+    assert a.keys() == b.keys() and {s for s, k in a if k == "loss"} == {1, 2, 3, 4, 5, 6}
+    assert {s for s, k in a if k.startswith("eval/")} == {0, 2, 4, 6}  # start, every 2 steps, end
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-6
+    # the start evaluation was measured once, before the interruption, and kept
+    assert summary["eval_start"] == json.loads((tmp_path / "full" / "summary.json").read_text())["eval_start"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_checkpoint_keeps_the_best_evaluated_model(mode, tiny_llama, tmp_path):
+    """SFT's held-out loss falls from step 0 on: with ``min`` the best is the lowest logged loss
+    (read back from metrics.jsonl); with ``max`` it is the untrained start, so ``best/`` holds the
+    start weights, not the trained ones."""
+    from safetensors.torch import load_file
+
+    cfg = recipe_config("sft", tiny_llama, tmp_path, "run", train={"best_metric": "eval/loss", "best_mode": mode})
+    summary = sft.run(cfg)
+    losses = {s: v for (s, k), v in logged(tmp_path / "run").items() if k == "eval/loss"}
+    pick = min if mode == "min" else max
+    best_step = pick(losses, key=losses.get)
+    assert (summary["best_metric"], summary["best_step"], summary["best_value"]) == \
+        ("eval/loss", best_step, pytest.approx(losses[best_step], abs=1e-9))
+    best = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    start = load_file(str(Path(tiny_llama) / "model.safetensors"))
+    assert losses[6] < losses[0]  # training helped, so the two modes pick different models
+    other = start if mode == "min" else final
+    same = final if mode == "min" else start
+    assert best_step == (6 if mode == "min" else 0)
+    assert max(float((best[k] - same[k]).abs().max()) for k in best) == 0.0
+    assert max(float((best[k] - other[k]).abs().max()) for k in best) > 1e-3
+    assert not (tmp_path / "run" / "best.tmp").exists()
+
+
+@pytest.mark.unit
+def test_best_metric_the_recipe_does_not_log_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(ConfigError, match="never logged by dpo .*did you mean 'eval/accuracy'"):
+        recipe_config("dpo", tiny_llama, tmp_path, "run", train={"best_metric": "eval/acuracy"})
+    with pytest.raises(ConfigError, match="never logged by ilql"):
+        recipe_config("ilql", tiny_llama, tmp_path, "run", train={"best_metric": "eval/accuracy"})
+
+
+@pytest.mark.unit
+def test_ilql_evaluates_held_out_loss_periodically(tiny_llama, tmp_path):
+    """ILQL's held-out evaluation is its training loss (and each part) on held-out rows, logged at
+    the start, every ``eval.every`` steps and at the end; it falls as the Q/V heads fit the rewards."""
+    summary = ilql.run(recipe_config("ilql", tiny_llama, tmp_path, "run", train={"max_steps": 8}))
+    lines = logged(tmp_path / "run")
+    steps = sorted({s for s, k in lines if k == "eval/loss"})
+    assert steps == [0, 2, 4, 6, 8]
+    for key in ilql.ILQL_EVAL_METRICS:
+        assert (0, key) in lines and (8, key) in lines
+    assert lines[(8, "eval/loss")] < lines[(0, "eval/loss")]
+    assert summary["eval_end"]["eval/loss"] == lines[(8, "eval/loss")]
