@@ -475,6 +475,12 @@ def renamed_key(cls: type, key: str) -> str:
     return key
 
 
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _pop_dotted(data: dict, key: str) -> tuple[bool, Any]:
     node: Any = data
     parts = key.split(".")
@@ -498,6 +504,12 @@ def _field_default(f: dataclasses.Field) -> Any:
 def validate(cfg, prefix: str = "") -> None:
     """Check every ``Literal`` field's value and call ``validate()`` on ``cfg`` and on every nested
     section."""
+    unused = getattr(type(cfg), "UNUSED", ())
+    if unused:  # shared keys this command has no use for: a value other than the default is refused
+        default, command = type(cfg)(), type(cfg).__module__.rsplit(".", 1)[-1]
+        for key in unused:
+            if _get_dotted(cfg, key) != _get_dotted(default, key):
+                raise ConfigError(f"'{prefix}{key}' is not used by {command}: remove it")
     for name, tp in typing.get_type_hints(type(cfg)).items():
         if typing.get_origin(tp) is Literal and name in {f.name for f in dataclasses.fields(cfg)}:
             _check_choice(f"{prefix}{name}", getattr(cfg, name), list(typing.get_args(tp)))

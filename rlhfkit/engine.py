@@ -317,6 +317,9 @@ class Engine:
 
         if "eval_start" not in self.state:
             self.state["eval_start"] = run_eval()
+            if self.state["eval_start"] is None and every:
+                raise UserError(f"eval.every={every} needs held-out data: set data.eval_path, data.eval_split or "
+                                "data.eval_fraction > 0")
         while not self.done:
             self.end_step(step())
             if every and self.step_count % every == 0 and not self.done:

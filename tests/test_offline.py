@@ -42,6 +42,7 @@ def recipe_config(command: str, model: str, tmp_path: Path, out: str, **over):
         data.update(path=write_jsonl(tmp_path / "ilql.jsonl", ilql_rows(60)))
     else:
         data.update(path=write_jsonl(tmp_path / "prefs.jsonl", preference_rows(60)))
+    data.update(over.pop("data", {}))
     cfg = dict(model={"name_or_path": model, "max_length": 64}, data=data, train=train, eval={"every": 2})
     if command == "ilql":
         cfg["generation"] = {"max_new_tokens": 4}
@@ -145,3 +146,86 @@ def test_ilql_evaluates_held_out_loss_periodically(tiny_llama, tmp_path):
         assert (0, key) in lines and (8, key) in lines
     assert lines[(8, "eval/loss")] < lines[(0, "eval/loss")]
     assert summary["eval_end"]["eval/loss"] == lines[(8, "eval/loss")]
+
+
+# ---------------------------------------------------------------------------------------------
+# every shared key honoured or refused
+# ---------------------------------------------------------------------------------------------
+
+
+def _other_value(cls, key: str):
+    """A value of dotted ``key`` of ``cls`` different from its default."""
+    import dataclasses
+    import typing
+
+    obj, tp = cls(), cls
+    for part in key.split("."):
+        tp = typing.get_type_hints(tp)[part]
+        obj = getattr(obj, part)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return next(a for a in args if a != obj)
+    base = args[0] if args and not dataclasses.is_dataclass(tp) else tp
+    if base is bool:
+        return not obj
+    if base in (int, float):
+        return (obj or 0) + 1 if base is int else round((obj or 0.0) / 2 + 0.25, 3)
+    return "x"
+
+
+NEEDS = {"judge": ["judge.model.name_or_path=m"], "prefs": ["rewards=[{kind: length}]"]}
+
+
+def _unused_keys():
+    from rlhfkit.recipes import constitutional, judge, prefs
+
+    return [(m.__name__.rsplit(".", 1)[-1], m, k) for m in (prefs, judge, constitutional) for k in m.Config.UNUSED]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command,module,key", _unused_keys(), ids=[f"{c}-{k}" for c, _, k in _unused_keys()])
+def test_a_shared_key_the_command_does_not_use_is_refused(command, module, key):
+    """prefs, judge and constitutional read prompts, not a train / held-out split of tokenized rows:
+    those data keys are refused (with the key named) instead of ignored when set."""
+    from rlhfkit.config import load_config
+
+    value = _other_value(module.Config, key)
+    with pytest.raises(ConfigError, match=f"'{key}' is not used by {command}"):
+        load_config(module.Config, None, [f"{key}={value}", *NEEDS.get(command, [])])
+
+
+@pytest.mark.unit
+def test_judge_honours_data_where(tmp_path):
+    from rlhfkit.recipes import judge
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "split": "a" if i % 3 else "b"} for i in range(9)]
+    cfg = make_config(judge.Config, {"data": {"path": write_jsonl(tmp_path / "r.jsonl", rows), "where": {"split": "b"}},
+                                     "mode": "pointwise", "judge": {"model": {"name_or_path": "unused"}},
+                                     "output_dir": str(tmp_path / "out")})
+    summary = judge.run(cfg, judge=lambda prompts, completions: [float(len(p)) for p in prompts])
+    written = [json.loads(line) for line in (tmp_path / "out" / "judged.jsonl").read_text().splitlines()]
+    assert summary["rows"] == 3 and [r["prompt"] for r in written] == ["p0", "p3", "p6"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args", [
+    ["eval", "models=[{name: a}]", "data.path=x.jsonl"],
+    ["judge", "judge.model.name_or_path=m", "data.path=x.jsonl"],
+    ["redteam"],
+])
+def test_commands_without_checkpoints_refuse_resume(args, tmp_path, capsys):
+    from rlhfkit import cli
+
+    code = cli.main([*args, f"output_dir={tmp_path / 'o'}", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0] == (f"error: {args[0]} keeps no checkpoint: --resume is not "
+                                                      "supported (run it again without it)")
+
+
+@pytest.mark.unit
+def test_eval_every_without_held_out_data_is_refused(tiny_llama, tmp_path):
+    from rlhfkit.config import UserError
+
+    cfg = recipe_config("sft", tiny_llama, tmp_path, "run", data={"eval_fraction": 0.0})
+    with pytest.raises(UserError, match="eval.every=2 needs held-out data"):
+        sft.run(cfg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, save_config
 from rlhfkit.feedback import (ChatFn, ChatGenerator, Principle, constitutional_revisions, default_principles, load_lm,
@@ -28,6 +28,9 @@ from rlhfkit.utils import append_jsonl, atomic_write_json, atomic_write_jsonl, l
 
 @dataclass
 class Config:
+    UNUSED: ClassVar[tuple[str, ...]] = (
+        "data.eval_path", "data.eval_split", "data.eval_fraction", "data.shuffle_seed", "data.max_prompt_length",
+        "data.max_completion_length", "data.overlong", "data.drop_invalid")
     model: ModelConfig = field(default_factory=ModelConfig)
     """The assistant that answers, critiques and revises."""
     lora: LoraConfig = field(default_factory=LoraConfig)

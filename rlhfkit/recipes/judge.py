@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlhfkit.config import ConfigError, DataConfig, UserError, save_config
 from rlhfkit.feedback import JudgeConfig, PairwiseJudge, PointwiseJudge, label_pairs
@@ -26,6 +26,10 @@ from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger
 
 @dataclass
 class Config:
+    UNUSED: ClassVar[tuple[str, ...]] = (
+        "data.eval_path", "data.eval_split", "data.eval_fraction", "data.shuffle_seed", "data.chat_template",
+        "data.system_prompt", "data.max_prompt_length", "data.max_completion_length", "data.overlong",
+        "data.drop_invalid")
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """The judge: ``judge.model`` (required), templates, choices / labels."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -64,13 +68,13 @@ def run(cfg: Config, resume: bool = False, judge=None) -> dict:
     ``PointwiseJudge`` as ``judge``. It keeps no checkpoint: ``resume`` is refused."""
     if resume:
         raise UserError("judge keeps no checkpoint: --resume is not supported (run it again without it)")
-    from rlhfkit.data import read_table, require_text, user_prompt
+    from rlhfkit.data import read_table, require_text, select, user_prompt
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     out = Path(cfg.output) if Path(cfg.output).is_absolute() else out_dir / cfg.output
-    table = read_table(cfg.data.path, cfg.data.split, cfg.data.subset)
+    table = select(read_table(cfg.data.path, cfg.data.split, cfg.data.subset), cfg.data.where)
     if cfg.data.max_rows is not None:
         table.rows = table.rows[: cfg.data.max_rows]
     prompts = [user_prompt(table, i, cfg.data) for i in range(len(table.rows))]

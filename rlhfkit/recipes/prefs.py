@@ -87,6 +87,9 @@ class ChecksConfig:
 @dataclass
 class Config:
     RENAMED: ClassVar[dict[str, str]] = {"num_samples": "samples_per_prompt"}
+    UNUSED: ClassVar[tuple[str, ...]] = (
+        "data.eval_path", "data.eval_split", "data.eval_fraction", "data.shuffle_seed", "data.max_prompt_length",
+        "data.max_completion_length", "data.overlong", "data.drop_invalid")
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy that writes the responses."""
     lora: LoraConfig = field(default_factory=LoraConfig)
