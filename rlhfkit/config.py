@@ -220,7 +220,8 @@ class EvalConfig:
     batch_size: int = 16
     """Rows (pairs, prompts) per forward or generate call when evaluating."""
     max_rows: Optional[int] = None
-    """Evaluate on at most this many held-out rows (online recipes and ilql: prompts); None: all."""
+    """Evaluate on at most this many held-out rows (online recipes: prompts; ilql: rows of the held-out
+    loss and prompts decoded); None: all."""
 
     def validate(self) -> None:
         if self.every < 0:

@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from rlhfkit.config import check_best_metric
 from rlhfkit.data import DataStats, StepBatcher, Table, load_splits
 from rlhfkit.engine import Engine, process_info, total_steps_for
 
@@ -54,11 +53,6 @@ def make_engine(cfg: Any, command: str, model: nn.Module, lengths: Sequence[int]
     return engine, batcher
 
 
-def check_config(cfg: Any, command: str, eval_metrics: list[str]) -> None:
-    """Config checks every offline recipe makes in ``validate()``: the best metric is one it logs."""
-    check_best_metric(cfg.train, command, eval_metrics)
-
-
 def train_and_evaluate(engine: Engine, batcher: StepBatcher, cfg: Any, train_step: Callable[[list[list[int]]], dict],
                        evaluate: Callable[[], Optional[dict]], save: Callable) -> tuple[Optional[dict], Optional[dict]]:
     """``Engine.run_loop`` with one step = ``train_step(batcher.step(step))`` (the micro-batches'
@@ -66,4 +60,4 @@ def train_and_evaluate(engine: Engine, batcher: StepBatcher, cfg: Any, train_ste
     return engine.run_loop(lambda: train_step(batcher.step(engine.step_count)), evaluate, cfg.eval.every, save)
 
 
-__all__ = ["OfflineData", "load_data", "make_engine", "check_config", "train_and_evaluate"]
+__all__ = ["OfflineData", "load_data", "make_engine", "train_and_evaluate"]

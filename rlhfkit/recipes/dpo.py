@@ -58,10 +58,11 @@ from typing import ClassVar, Literal, Optional
 import torch
 
 from rlhfkit import losses
-from rlhfkit.config import ConfigError, DataConfig, EvalConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig
+from rlhfkit.config import (ConfigError, DataConfig, EvalConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig,
+                            check_best_metric)
 from rlhfkit.data import Example, PairExample, collate_preferences, preference_examples, tokenize_preferences
 from rlhfkit.engine import resolve_precision
-from rlhfkit.recipes._offline import check_config, load_data, make_engine, train_and_evaluate
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
 from rlhfkit.recipes._preference import (default_cache_dir, model_inputs, policy_scores, precompute_reference,
                                          reference_identity, reference_sums, release_reference, sequence_logps)
@@ -109,7 +110,7 @@ class Config:
     """``orpo``: weight of the odds-ratio term next to the chosen NLL."""
 
     def validate(self) -> None:
-        check_config(self, "dpo", EVAL_METRICS)
+        check_best_metric(self.train, "dpo", EVAL_METRICS)
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.loss == "orpo" and self.beta is not None:

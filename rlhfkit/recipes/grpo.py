@@ -335,7 +335,7 @@ def no_grad_logps(fn: Callable[[dict], torch.Tensor], tensors: dict, chunk: int,
 def evaluate(model, tokenizer, items: list[PromptItem], reward: Composite, cfg: Config) -> Optional[dict]:
     if not items:
         return None
-    greedy = dataclasses.replace(cfg.generation, do_sample=False)
+    greedy = dataclasses.replace(cfg.generation, do_sample=False, batch_size=cfg.eval.batch_size)
     b = sample_and_score(model, tokenizer, items, reward, cfg, cfg.generation.max_new_tokens, greedy, group_size=1)
     return {"reward": float(b.rewards.mean()), "rewards": b.rewards.tolist(), "completions": b.completions}
 

@@ -43,8 +43,10 @@ state before it), or ``prompt`` (or ``data.prompt_template``) + ``output``; plus
 ``reward``. Every name is mappable with ``data.columns``, e.g. ``{output: completion, reward: score}``.
 
 Steps: data -> tokenize -> for each optimizer step: micro-batches -> heads -> ILQL loss ->
-engine.step -> target sync; at the end, when ``eval_reward`` is set, decode held-out prompts at
-every ``eval_betas`` and score them.
+engine.step -> target sync. The held-out loss and its parts (``eval/loss``, ``eval/loss/q``, ...,
+``eval/advantage/mean``, the mean of min_i Q_target_i - V over the taken actions) are measured
+before training, every ``eval.every`` steps and at the end; then, when ``eval_reward`` is set,
+held-out prompts are decoded at every ``eval_betas`` and scored.
 
 Python: ``train_offline(model, samples, rewards, config=None, **overrides) -> model``.
 """

@@ -49,11 +49,11 @@ import torch
 
 from rlhfkit import losses
 from rlhfkit.config import (ConfigError, DataConfig, EvalConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig,
-                            UserError)
+                            UserError, check_best_metric)
 from rlhfkit.data import (DataStats, Example, Table, collate, encode_completion, encode_prompt, fit_lengths, parse_rows,
                           preference_examples, sft_examples)
 from rlhfkit.engine import resolve_precision
-from rlhfkit.recipes._offline import check_config, load_data, make_engine, train_and_evaluate
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
 from rlhfkit.recipes._preference import (concat_batches, default_cache_dir, model_inputs, policy_scores,
                                          precompute_reference, reference_identity, reference_sums, release_reference,
@@ -95,7 +95,7 @@ class Config:
     """w_u: weight of the undesirable rows' loss (the paper suggests w_d n_d / (w_u n_u) in [1, 4/3])."""
 
     def validate(self) -> None:
-        check_config(self, "kto", EVAL_METRICS)
+        check_best_metric(self.train, "kto", EVAL_METRICS)
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:

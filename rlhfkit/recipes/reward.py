@@ -42,9 +42,9 @@ from typing import ClassVar, Literal, Optional
 import torch
 from torch import nn
 
-from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError
+from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError, check_best_metric
 from rlhfkit.data import DataStats, Table, preference_examples
-from rlhfkit.recipes._offline import check_config, load_data, make_engine, train_and_evaluate
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.losses import pairwise_reward
 from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
                             pick_device, prefix_sharing_supported, prefix_tree, prefix_tree_states, unwrap)
@@ -83,7 +83,7 @@ class Config:
     """Held-out accuracy: how often, pairs per forward (also of the reward statistics), how many pairs."""
 
     def validate(self) -> None:
-        check_config(self, "reward", EVAL_METRICS)
+        check_best_metric(self.train, "reward", EVAL_METRICS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from typing import ClassVar, Optional
 
 import torch
 
-from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError
+from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError, check_best_metric
 from rlhfkit.data import collate, collate_packed, pack, sft_examples, tokenize_pairs
-from rlhfkit.recipes._offline import check_config, load_data, make_engine, train_and_evaluate
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.models import PolicyModel, load_policy, save_pretrained
 from rlhfkit.utils import logger, seed_everything
 
@@ -45,7 +45,7 @@ class Config:
     """Pack several examples into each row of ``model.max_length`` tokens (causal models only)."""
 
     def validate(self) -> None:
-        check_config(self, "sft", EVAL_METRICS)
+        check_best_metric(self.train, "sft", EVAL_METRICS)
 
 
 def nll_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
