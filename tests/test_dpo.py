@@ -198,7 +198,7 @@ VARIANTS = {  # id: (loss, extra config); beta 0.5 moves a random tiny model wit
     "ipo": ("ipo", {"beta": 0.5}),
     "hinge": ("hinge", {"beta": 0.5}),
     "simpo": ("simpo", {}),
-    "orpo": ("orpo", {"lam": 1.0, "train": {"max_steps": 40}}),
+    "orpo": ("orpo", {"orpo_lambda": 1.0, "train": {"max_steps": 40}}),
 }
 
 
