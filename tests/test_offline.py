@@ -29,7 +29,7 @@ def ilql_rows(n: int) -> list[dict]:
              "reward": rng.random()} for _ in range(n)]
 
 
-def recipe_config(command: str, model: str, tmp_path: Path, out: str, **over):
+def recipe_config(command: str, model_path: str, tmp_path: Path, out: str, **over):
     """A small config of ``command`` on a tiny model: 48 training rows, 12 held out, eval every 2 steps."""
     train = dict(output_dir=str(tmp_path / out), lr=3e-3, batch_size=4, max_steps=6, progress=False,
                  group_by_length=False, seed=0)
@@ -43,7 +43,8 @@ def recipe_config(command: str, model: str, tmp_path: Path, out: str, **over):
     else:
         data.update(path=write_jsonl(tmp_path / "prefs.jsonl", preference_rows(60)))
     data.update(over.pop("data", {}))
-    cfg = dict(model={"name_or_path": model, "max_length": 64}, data=data, train=train, eval={"every": 2})
+    model = {"name_or_path": model_path, "max_length": 64, **over.pop("model", {})}
+    cfg = dict(model=model, data=data, train=train, eval={"every": 2, **over.pop("eval", {})})
     if command == "ilql":
         cfg["generation"] = {"max_new_tokens": 4}
     return make_config(RECIPES[command].Config, {**cfg, **over}, source="test")
@@ -179,14 +180,15 @@ NEEDS = {"judge": ["judge.model.name_or_path=m"], "prefs": ["rewards=[{kind: len
 def _unused_keys():
     from rlhfkit.recipes import constitutional, judge, prefs
 
-    return [(m.__name__.rsplit(".", 1)[-1], m, k) for m in (prefs, judge, constitutional) for k in m.Config.UNUSED]
+    modules = (prefs, judge, constitutional, reward)
+    return [(m.__name__.rsplit(".", 1)[-1], m, k) for m in modules for k in m.Config.UNUSED]
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("command,module,key", _unused_keys(), ids=[f"{c}-{k}" for c, _, k in _unused_keys()])
 def test_a_shared_key_the_command_does_not_use_is_refused(command, module, key):
-    """prefs, judge and constitutional read prompts, not a train / held-out split of tokenized rows:
-    those data keys are refused (with the key named) instead of ignored when set."""
+    """prefs, judge and constitutional read prompts, not a train / held-out split of tokenized rows,
+    and reward scores whole texts: those data keys are refused (with the key named) when set."""
     from rlhfkit.config import load_config
 
     value = _other_value(module.Config, key)
@@ -229,3 +231,51 @@ def test_eval_every_without_held_out_data_is_refused(tiny_llama, tmp_path):
     cfg = recipe_config("sft", tiny_llama, tmp_path, "run", data={"eval_fraction": 0.0})
     with pytest.raises(UserError, match="eval.every=2 needs held-out data"):
         sft.run(cfg)
+
+
+# each shared key, set to another value, changes what a 2-step run computes (weights, losses or
+# held-out metrics): the audit that no recipe accepts one of them and ignores it
+SHARED_KEYS = {
+    "train.lr": 1e-2, "train.seed": 1, "train.weight_decay": 0.5, "train.adam_betas": [0.5, 0.9], "train.adam_eps": 0.1,
+    "train.max_grad_norm": 1e-3, "train.warmup_steps": 2, "train.scheduler": "linear", "train.grad_accum": 2,
+    "train.group_by_length": True, "train.epochs": 1, "train.max_steps": 3,
+    "data.eval_fraction": 0.3, "data.shuffle_seed": 1, "data.max_rows": 30, "data.max_prompt_length": 3,
+    "data.max_completion_length": 3, "data.prompt_template": "Q {prompt}",
+    "model.max_length": 12, "eval.max_rows": 3,
+}
+
+
+def _signature(out: Path) -> tuple[dict, dict]:
+    return outputs(out), logged(out)
+
+
+def _differs(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+    (wa, la), (wb, lb) = a, b
+    if wa.keys() != wb.keys() or la.keys() != lb.keys():
+        return True
+    return any(not torch.equal(wa[k], wb[k]) for k in wa) or any(abs(la[k] - lb[k]) > 1e-9 for k in la)
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("command", list(RECIPES))
+def test_every_shared_key_changes_the_run(command, tiny_llama, tmp_path):
+    module = RECIPES[command]
+    base = dict(train={"max_steps": 2, "max_grad_norm": None})
+    module.run(recipe_config(command, tiny_llama, tmp_path, "base", **base))
+    reference = _signature(tmp_path / "base")
+    ignored = []
+    for i, (key, value) in enumerate(SHARED_KEYS.items()):
+        if key == "data.prompt_template" and command == "sft":
+            value = "Q {dialogue}"
+        section, name = key.split(".")
+        over = {s: dict(v) for s, v in base.items()}
+        over.setdefault(section, {})[name] = value
+        if key == "train.max_grad_norm":
+            over["train"][name] = value
+        try:
+            module.run(recipe_config(command, tiny_llama, tmp_path, f"k{i}", **over))
+        except ConfigError:
+            continue  # refused: fine
+        if not _differs(reference, _signature(tmp_path / f"k{i}")):
+            ignored.append(key)
+    assert not ignored, f"{command} accepts and ignores {ignored}"

@@ -61,6 +61,8 @@ EVAL_METRICS = ["eval/loss", "eval/accuracy", "eval/margin"]
 class Config:
     RENAMED: ClassVar[dict[str, str]] = {"train.eval_every": "eval.every", "eval_batch_size": "eval.batch_size",
                                          "eval_max_rows": "eval.max_rows"}
+    # a reward model scores whole texts cut to model.max_length, in training as when it is used
+    UNUSED: ClassVar[tuple[str, ...]] = ("data.max_prompt_length", "data.max_completion_length")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="asset:minilm", max_length=256))
     """The backbone: an encoder (``asset:minilm``) or a causal / seq2seq language model."""
     head: Literal["auto", "classifier", "value_head"] = "auto"
