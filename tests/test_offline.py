@@ -241,7 +241,7 @@ SHARED_KEYS = {
     "train.group_by_length": True, "train.epochs": 1, "train.max_steps": 3,
     "data.eval_fraction": 0.3, "data.shuffle_seed": 1, "data.max_rows": 30, "data.max_prompt_length": 3,
     "data.max_completion_length": 3, "data.prompt_template": "Q {prompt}",
-    "model.max_length": 12, "eval.max_rows": 3,
+    "model.max_length": 12, "eval.max_rows": 3, "lora.enabled": True,
 }
 
 
