@@ -192,8 +192,10 @@ class Engine:
     # bookkeeping
     # ----------------------------------------------------------------------------------------
 
-    def end_step(self, metrics: dict[str, float], extra_seconds: float = 0.0) -> None:
-        """Count the step, log metrics, checkpoint when due, and stop on a signal.
+    def end_step(self, metrics: dict[str, float], extra_seconds: float = 0.0,
+                 evaluate: Optional[Callable[[], Any]] = None) -> None:
+        """Count the step, log metrics, run ``evaluate()`` (a periodic evaluation, tagged with this
+        step and included in its checkpoint), checkpoint when due, and stop on a signal.
 
         ``extra_seconds`` adds time spent outside ``step`` (generation, scoring) to the clock.
         """
@@ -208,6 +210,8 @@ class Engine:
             self.bar.update(1)
             show = {k: v for k, v in metrics.items() if k in ("loss", "reward/mean", "kl", "rewards/accuracies")}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)
+        if evaluate is not None:
+            evaluate()
         if self.cfg.checkpoint_every and self.step_count % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
         if self._signal is not None:
@@ -320,10 +324,12 @@ class Engine:
             if self.state["eval_start"] is None and every:
                 raise UserError(f"eval.every={every} needs held-out data: set data.eval_path, data.eval_split or "
                                 "data.eval_fraction > 0")
-        while not self.done:
-            self.end_step(step())
+        def periodic() -> None:
             if every and self.step_count % every == 0 and not self.done:
                 run_eval()
+
+        while not self.done:
+            self.end_step(step(), evaluate=periodic)
         end = run_eval()
         self.extra_summary.update(eval_start=self.state["eval_start"], eval_end=end)
         return self.state["eval_start"], end

@@ -65,26 +65,28 @@ def logged(out: Path) -> dict[tuple[int, str], float]:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("stop", [3, 4])  # 4: a step with a periodic evaluation (eval.every=2)
 @pytest.mark.parametrize("command", list(RECIPES))
-def test_sigterm_then_resume_equals_the_uninterrupted_run(command, tiny_llama, tmp_path, monkeypatch):
+def test_sigterm_then_resume_equals_the_uninterrupted_run(command, stop, tiny_llama, tmp_path, monkeypatch):
     module = RECIPES[command]
     module.run(recipe_config(command, tiny_llama, tmp_path, "full"))
 
-    # the same run, sent SIGTERM during step 3: it finishes the step, writes a checkpoint and stops
+    # the same run, sent SIGTERM during step `stop`: it finishes the step (and its evaluation), writes
+    # a checkpoint and stops
     end_step = Engine.end_step
 
     def end_step_with_sigterm(self, metrics, *a, **k):
-        if self.step_count == 2:
+        if self.step_count == stop - 1:
             os.kill(os.getpid(), signal.SIGTERM)  # the Engine's handler: finish this step, then checkpoint
         return end_step(self, metrics, *a, **k)
 
     cfg = recipe_config(command, tiny_llama, tmp_path, "part")
     monkeypatch.setattr(Engine, "end_step", end_step_with_sigterm)
-    with pytest.raises(Interrupted) as stop:
+    with pytest.raises(Interrupted) as stopped:
         module.run(cfg)
-    assert stop.value.code == 143
+    assert stopped.value.code == 143
     monkeypatch.setattr(Engine, "end_step", end_step)
-    assert [c.name for c in (tmp_path / "part" / "checkpoints").iterdir()] == ["step-0000003"]
+    assert [c.name for c in (tmp_path / "part" / "checkpoints").iterdir()] == [f"step-{stop:07d}"]
     assert not list((tmp_path / "part").glob("*.safetensors"))  # stopped before the final save
     summary = module.run(cfg, resume=True)
     assert summary["steps"] == 6
