@@ -292,7 +292,7 @@ def rlhfkit_overrides(row: str, model: str, files: dict[str, str], out: str, ste
         return common + [f"data.path={files['prompts']}", f"prompts_per_step={BATCH // GROUP}",
                          f"samples_per_prompt={GROUP}", f"kl_coef={beta}", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
                          f"generation.batch_size={BATCH}", "generation.do_sample=true", "generation.temperature=1.0",
-                         "generation.top_k=0", "generation.top_p=1.0", "eval_max_rows=0"]
+                         "generation.top_k=0", "generation.top_p=1.0", "eval.max_rows=0"]
     raise ValueError(row)
 
 

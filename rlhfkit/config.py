@@ -55,7 +55,7 @@ class ModelConfig:
     """Tokenizer name or path when it differs from ``name_or_path``."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to load."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype: ``auto`` (fp32 on CPU, bf16 on a GPU that supports it, else fp32), ``float32``,
     ``bfloat16`` or ``float16``."""
     trust_remote_code: bool = False
@@ -82,7 +82,6 @@ class ModelConfig:
     """dtype the 4-bit weights are dequantised to for each matmul; ``auto``: the model's dtype."""
 
     def validate(self) -> None:
-        _check_choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check_positive("model.max_length", self.max_length)
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("model.load_in_4bit and model.load_in_8bit are both set; choose one")
@@ -139,7 +138,7 @@ class DataConfig:
     """Python format string that builds the prompt from row columns, e.g.
     ``"Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary:"``. None uses the
     ``prompt`` column as it is."""
-    chat_template: str = "auto"
+    chat_template: Literal["auto", "true", "false"] = "auto"
     """Wrap prompts in the tokenizer's chat template: ``auto`` (when the tokenizer has one), ``true``
     or ``false``."""
     system_prompt: Optional[str] = None
@@ -148,7 +147,7 @@ class DataConfig:
     """Longest prompt in tokens; longer prompts follow ``overlong``."""
     max_completion_length: int = 128
     """Longest completion in tokens; longer completions follow ``overlong``."""
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "drop"] = "truncate"
     """Policy for over-long rows: ``truncate`` (prompt from the left, completion from the right) or
     ``drop``. Either way the count is logged and written to the summary."""
     drop_invalid: bool = False
@@ -163,8 +162,6 @@ class DataConfig:
     """Seed of the held-out split."""
 
     def validate(self) -> None:
-        _check_choice("data.chat_template", self.chat_template, ["auto", "true", "false"])
-        _check_choice("data.overlong", self.overlong, ["truncate", "drop"])
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _check_positive("data.max_prompt_length", self.max_prompt_length)
@@ -185,7 +182,7 @@ class TrainConfig:
     """AdamW betas."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    scheduler: str = "constant"
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warm-up: ``constant``, ``linear`` or ``cosine``."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
@@ -201,13 +198,11 @@ class TrainConfig:
     """Clip the gradient norm to this value; None disables clipping."""
     log_every: int = 1
     """Write metrics every N steps."""
-    eval_every: int = 0
-    """Evaluate on held-out data every N steps (0: only at the start and the end)."""
     checkpoint_every: int = 0
     """Write a resumable checkpoint every N steps (0: only on interrupt)."""
     keep_checkpoints: int = 1
     """How many checkpoints to keep."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto`` (fp32 on CPU, bf16 autocast on a GPU that supports it), ``fp32``, ``bf16`` or ``fp16``."""
     cpu: bool = False
     """Run on the CPU even when a GPU is present."""
@@ -234,10 +229,15 @@ class TrainConfig:
     """Run name shown by the trackers; None: the name of ``output_dir``."""
     project: str = "rlhfkit"
     """Tracker project (wandb/trackio project, MLflow experiment, TensorBoard sub-folder)."""
+    best_metric: Optional[str] = None
+    """Keep the model with the best value of this evaluation metric (e.g. ``eval/loss``,
+    ``eval/accuracy``, ``eval/reward``) in ``output_dir/best`` and record ``best_step`` /
+    ``best_value`` in summary.json; the metric must be one the recipe logs at each evaluation.
+    None: keep only the last model."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger (``max``) or smaller (``min``, e.g. a loss) ``best_metric`` is better."""
 
     def validate(self) -> None:
-        _check_choice("train.scheduler", self.scheduler, ["constant", "linear", "cosine"])
-        _check_choice("train.precision", self.precision, ["auto", "fp32", "bf16", "fp16"])
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.grad_accum", self.grad_accum)
         _check_positive("train.max_steps", self.max_steps)
@@ -255,8 +255,26 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on held-out data every N steps (0: only at the start and the end)."""
+    batch_size: int = 16
+    """Rows (pairs, prompts) per forward or generate call when evaluating."""
+    max_rows: Optional[int] = None
+    """Evaluate on at most this many held-out rows (online recipes: prompts; ilql: rows of the held-out
+    loss and prompts decoded); None: all."""
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        _check_positive("eval.batch_size", self.batch_size)
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ConfigError(f"eval.max_rows must be >= 0, got {self.max_rows}")
+
+
+@dataclass
 class ReferenceConfig:
-    kind: str = "auto"
+    kind: Literal["auto", "disabled_adapter", "copy", "adapter", "none"] = "auto"
     """Reference policy: ``auto``, ``disabled_adapter`` (the LoRA base with the adapter switched
     off: no second copy in memory), ``copy`` (a frozen copy of the start model, or of ``model``),
     ``adapter`` (a trained adapter loaded frozen as a second, named adapter on the same base),
@@ -268,8 +286,13 @@ class ReferenceConfig:
     adapter_path: Optional[str] = None
     """``adapter``: adapter folder to load as the reference (default: ``lora.adapter_path``)."""
 
-    def validate(self) -> None:
-        _check_choice("reference.kind", self.kind, ["auto", "disabled_adapter", "copy", "adapter", "none"])
+    precompute: bool = False
+    """Offline preference recipes (dpo, kto): compute the reference log-probs of all training rows
+    once before training (one no-grad pass), cache them on disk and free the reference; a later run
+    with the same reference, data and lengths reuses the cache."""
+    cache_dir: Optional[str] = None
+    """Folder of the precomputed reference log-probs; None: ``$RLHFKIT_CACHE/reference_logps``
+    (``~/.cache/rlhfkit/reference_logps``)."""
 
 
 @dataclass
@@ -316,7 +339,8 @@ class GenerationConfig:
 
 @dataclass
 class RewardConfig:
-    kind: str = "toxicity"
+    kind: Literal["classifier", "reward_model", "toxicity", "sentiment", "label_match", "length", "gibberish",
+                  "reference_normalized", "token_frequency", "python"] = "toxicity"
     """Reward function: ``classifier``, ``reward_model``, ``toxicity``, ``sentiment``,
     ``label_match``, ``length``, ``gibberish``, ``reference_normalized``, ``token_frequency``, or
     ``python``. Several rewards in a list are summed with their weights (the composite reward)."""
@@ -328,12 +352,12 @@ class RewardConfig:
     """Model name or path (``classifier``, ``reward_model``, ``gibberish`` with a hub classifier)."""
     label: Optional[str] = None
     """Classifier label to read (name or index), e.g. ``nothate``."""
-    output: str = "logit"
+    output: Literal["logit", "probability"] = "logit"
     """What to read from a classifier: ``logit`` or ``probability``."""
-    text: str = "completion"
+    text: Literal["completion", "prompt+completion"] = "completion"
     """``classifier``: the text classified, ``completion`` or ``prompt+completion`` (joined with a
     space, as for reward models)."""
-    backend: str = "profanity_check"
+    backend: Literal["profanity_check", "hatesonar"] = "profanity_check"
     """``toxicity`` scorer: ``profanity_check`` (alt-profanity-check) or ``hatesonar``."""
     invert: bool = True
     """``toxicity``: return 1 - p(toxic) (non-toxicity, a reward) instead of p(toxic)."""
@@ -361,14 +385,6 @@ class RewardConfig:
     """Truncate classifier inputs to this many tokens."""
 
     def validate(self) -> None:
-        kinds = [
-            "classifier", "reward_model", "toxicity", "sentiment", "label_match", "length",
-            "gibberish", "reference_normalized", "token_frequency", "python",
-        ]
-        _check_choice("reward.kind", self.kind, kinds)
-        _check_choice("reward.output", self.output, ["logit", "probability"])
-        _check_choice("reward.text", self.text, ["completion", "prompt+completion"])
-        _check_choice("reward.backend", self.backend, ["profanity_check", "hatesonar"])
         needs = {
             "classifier": ["model"], "reward_model": ["model"], "label_match": ["target_column"],
             "reference_normalized": ["reference_column", "base"], "python": ["function"],
@@ -377,6 +393,23 @@ class RewardConfig:
         for key in needs.get(self.kind, []):
             if getattr(self, key) in (None, ""):
                 raise ConfigError(f"reward kind '{self.kind}' needs '{key}'")
+
+
+def check_best_metric(train: TrainConfig, command: str, logged: list[str]) -> None:
+    """Refuse a ``train.best_metric`` that ``command``'s evaluation never logs (``logged``)."""
+    if train.best_metric is not None and train.best_metric not in logged:
+        have = f"its evaluation logs {', '.join(logged)}" if logged else "it has no periodic evaluation"
+        guess = difflib.get_close_matches(train.best_metric, logged, n=1)
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        raise ConfigError(f"train.best_metric='{train.best_metric}' is never logged by {command} ({have}){hint}")
+
+
+def check_live_reference(reference: ReferenceConfig, command: str) -> None:
+    """Online recipes score fresh samples: refuse the offline recipes' precomputed reference keys."""
+    for key in ("precompute", "cache_dir"):
+        if getattr(reference, key) not in (False, None):
+            raise ConfigError(f"reference.{key} applies to dpo and kto only; {command} computes the reference "
+                              "log-probs of its fresh samples live")
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +455,8 @@ def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "", b
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    if getattr(cls, "RENAMED", None):
+        data = apply_renames(cls, data, source, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
@@ -440,6 +475,66 @@ def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "", b
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
+def apply_renames(cls: type, data: dict, source: str = "<dict>", prefix: str = "") -> dict:
+    """A copy of ``data`` (the raw keys of ``cls``) with the deprecated names of ``cls.RENAMED``
+    moved to their new names, one ``[rlhfkit] warning:`` line each; both names given is an error.
+
+    ``RENAMED = {"old": "new"}`` holds keys relative to ``cls``; dotted keys move a value between
+    sections (``{"train.eval_every": "eval.every"}`` on a recipe's config)."""
+    data = copy.deepcopy(data)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        found, value = _pop_dotted(data, old)
+        if not found:
+            continue
+        if _pop_dotted(copy.deepcopy(data), new)[0]:
+            raise ConfigError(f"{source}: both '{prefix}{old}' and '{prefix}{new}' are set; '{prefix}{old}' is the "
+                              f"deprecated name of '{prefix}{new}': keep only '{prefix}{new}'")
+        deprecated(f"{prefix}{old}", f"{prefix}{new}")
+        set_dotted(data, new, value)
+    return data
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one warning line of a deprecated key (``rlhfkit``'s logger, ``[rlhfkit] warning: ...``)."""
+    import logging
+
+    logging.getLogger("rlhfkit").warning(f"warning: '{old}' is deprecated, use '{new}'")
+
+
+def renamed_key(cls: type, key: str) -> str:
+    """The current name of dotted ``key`` of ``cls``: ``key`` itself unless it (or a section above
+    it) is a deprecated name in some dataclass's ``RENAMED`` on the way down."""
+    parts = key.split(".")
+    tp: Any = cls
+    for i in range(len(parts)):
+        rest = ".".join(parts[i:])
+        for old, new in getattr(tp, "RENAMED", {}).items():
+            if rest == old or rest.startswith(old + "."):
+                return renamed_key(cls, ".".join(parts[:i] + [new]) + rest[len(old):])
+        tp = typing.get_type_hints(tp).get(parts[i]) if dataclasses.is_dataclass(tp) else None
+        if not dataclasses.is_dataclass(tp):
+            break
+    return key
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pop_dotted(data: dict, key: str) -> tuple[bool, Any]:
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return False, None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        return False, None
+    return True, node.pop(parts[-1])
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
@@ -448,16 +543,26 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
-def validate(cfg) -> None:
-    """Call ``validate()`` on ``cfg`` and on every nested section."""
+def validate(cfg, prefix: str = "") -> None:
+    """Check every ``Literal`` field's value and call ``validate()`` on ``cfg`` and on every nested
+    section."""
+    unused = getattr(type(cfg), "UNUSED", ())
+    if unused:  # shared keys this command has no use for: a value other than the default is refused
+        default, command = type(cfg)(), type(cfg).__module__.rsplit(".", 1)[-1]
+        for key in unused:
+            if _get_dotted(cfg, key) != _get_dotted(default, key):
+                raise ConfigError(f"'{prefix}{key}' is not used by {command}: remove it")
+    for name, tp in typing.get_type_hints(type(cfg)).items():
+        if typing.get_origin(tp) is Literal and name in {f.name for f in dataclasses.fields(cfg)}:
+            _check_choice(f"{prefix}{name}", getattr(cfg, name), list(typing.get_args(tp)))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value)
+            validate(value, f"{prefix}{f.name}.")
         elif isinstance(value, list):
             for v in value:
                 if dataclasses.is_dataclass(v):
-                    validate(v)
+                    validate(v, f"{prefix}{f.name}.")
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
@@ -526,7 +631,10 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if dataclasses.is_dataclass(t):
             rows.extend(describe(t, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None))
             continue
-        rows.append((f"{prefix}{f.name}", show_default(default), docs.get(f.name, "")))
+        doc = docs.get(f.name, "")
+        if typing.get_origin(t) is Literal:
+            doc = f"{doc} One of: {', '.join(map(str, typing.get_args(t)))}.".strip()
+        rows.append((f"{prefix}{f.name}", show_default(default), doc))
         item = typing.get_args(t)[0] if typing.get_origin(t) is list and typing.get_args(t) else None
         if dataclasses.is_dataclass(item):  # a list of sections (pipeline stages): each item's keys
             rows.extend(describe(item, f"{prefix}{f.name}[].", None))
@@ -559,7 +667,7 @@ def _parse_override(cls: type, key: str, text: str) -> Any:
     ``{}`` or ``#``) unless YAML-quoted (``'"a\\nb"'`` has a newline), else YAML (numbers,
     booleans, null, ``[lists]``, ``{maps}``)."""
     tp: Any = cls
-    for part in key.split("."):
+    for part in renamed_key(cls, key).split("."):
         hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
         tp = hints.get(part)
     args = set(typing.get_args(tp))
@@ -614,14 +722,23 @@ def make_config(cls: type, config: Any = None, source: str = "train()", **overri
         base = to_dict(load_config(cls, config))
     elif config is None or isinstance(config, dict):
         base = to_dict(cls())
-        for key, value in (config or {}).items():
-            for k, v in section_items(cls, key, value):
-                set_dotted(base, k, v)
     else:
         raise UserError(f"{source}: config must be a {cls.__name__}, a YAML path or a dict, got {type(config).__name__}")
-    for key, value in overrides.items():
-        for k, v in section_items(cls, key.replace("__", "."), value):
-            set_dotted(base, k, v)
+    given: dict[str, str] = {}  # current key -> the name it was given under
+    items = list((config or {}).items()) if isinstance(config, dict) else []
+    items += [(key.replace("__", "."), value) for key, value in overrides.items()]
+    for key, value in items:
+        for k, v in section_items(cls, key, value):
+            new = renamed_key(cls, k)
+            if new != k:
+                deprecated(k, new)
+            for k2, v2 in section_items(cls, new, v):
+                name = k if new != k else k2  # the name the caller used
+                if given.get(k2, name) != name:
+                    raise ConfigError(f"{source}: both '{given[k2]}' and '{name}' are set (one is the deprecated name "
+                                      f"of the other): keep only '{k2}'")
+                given[k2] = name
+                set_dotted(base, k2, v2)
     cfg = from_dict(cls, base, source=source)
     validate(cfg)
     return cfg
@@ -646,9 +763,13 @@ def _convert(tp: Any, value: Any, key: str, source: str):
                 errors.append(e)
         raise bad
     if origin is Literal:
+        if isinstance(value, bool) and "true" in args:  # YAML reads `true` as a bool
+            value = "true" if value else "false"
         if value in args:
             return value
-        raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        guess = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}{hint}")
     if dataclasses.is_dataclass(tp):
         if value is None:
             return tp()

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.config import TrainConfig, UserError, check_best_metric, save_config
 from rlhfkit.trackers import flat_config, tracker_init_kwargs, tracker_kwargs
 from rlhfkit.utils import append_jsonl, atomic_write_json, logger, peak_rss_mb, seed_everything
 
@@ -79,7 +79,7 @@ def make_adamw(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
 class Engine:
     def __init__(self, cfg: TrainConfig, command: str, full_config: Any, model: nn.Module, total_steps: int,
                  resume: bool = False, state: Optional[dict] = None, updates_per_step: int = 1,
-                 lr_groups: Optional[dict[str, float]] = None):
+                 lr_groups: Optional[dict[str, float]] = None, eval_metrics: Optional[list[str]] = None):
         """Set up accelerate, the optimizer and scheduler over ``model``'s trainable parameters.
 
         ``state`` is a recipe's own JSON-able state (e.g. the adaptive KL coefficient); it is
@@ -89,7 +89,9 @@ class Engine:
         ``lr_groups``: ``{name prefix: lr}``; trainable parameters whose name starts with a prefix
         train at that learning rate (e.g. PPO's value head), the rest at ``cfg.lr``; the schedule
         scales every group alike.
+        ``eval_metrics``: the metrics the recipe's evaluation logs; ``train.best_metric`` must be one.
         """
+        check_best_metric(cfg, command, eval_metrics or [])
         from accelerate import Accelerator
         from transformers import get_scheduler
 
@@ -232,8 +234,10 @@ class Engine:
     # bookkeeping
     # ----------------------------------------------------------------------------------------
 
-    def end_step(self, metrics: dict[str, float], extra_seconds: float = 0.0) -> None:
-        """Count the step, log metrics, checkpoint when due, and stop on a signal.
+    def end_step(self, metrics: dict[str, float], extra_seconds: float = 0.0,
+                 evaluate: Optional[Callable[[], Any]] = None) -> None:
+        """Count the step, log metrics, run ``evaluate()`` (a periodic evaluation, tagged with this
+        step and included in its checkpoint), checkpoint when due, and stop on a signal.
 
         ``extra_seconds`` adds time spent outside ``step`` (generation, scoring) to the clock.
         """
@@ -249,6 +253,8 @@ class Engine:
             self.bar.update(1)
             show = {k: v for k, v in metrics.items() if k in ("loss", "reward/mean", "kl", "rewards/accuracies")}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)
+        if evaluate is not None:
+            evaluate()
         if self.cfg.checkpoint_every and self.step_count % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
         if self.world_size > 1:  # a signal that reached one process stops them all at this step
@@ -317,6 +323,8 @@ class Engine:
             "trainable_parameters": self.n_trainable,
             "processes": self.world_size,
             "final": self.last_metrics,
+            **({"best_metric": self.cfg.best_metric, "best_step": self.state["best"]["step"],
+                "best_value": self.state["best"]["value"]} if "best" in self.state else {}),
             **self.extra_summary,
             **(extra or {}),
         }
@@ -337,6 +345,78 @@ class Engine:
             self.accelerator.end_training()
         self._restore_signals()
         return summary
+
+    # ----------------------------------------------------------------------------------------
+    # evaluate - train - evaluate, and the best model
+    # ----------------------------------------------------------------------------------------
+
+    def keep_best(self, metrics: Optional[dict], save: Callable[[Path], None]) -> bool:
+        """After an evaluation: when ``metrics[train.best_metric]`` beats the best so far
+        (``train.best_mode``), save the model with ``save(folder)`` into ``output_dir/best``
+        (written beside it, then renamed: never half-written) and remember the step and value
+        (kept in checkpoints; ``best_step`` / ``best_value`` in summary.json). True if it did."""
+        name = self.cfg.best_metric
+        if name is None or metrics is None:
+            return False
+        if name not in metrics:
+            raise UserError(f"train.best_metric='{name}' was not logged by this evaluation "
+                            f"(it logged {', '.join(sorted(metrics)) or 'nothing'})")
+        value = float(metrics[name])
+        best = self.state.get("best")
+        if best is not None and not (value > best["value"] if self.cfg.best_mode == "max" else value < best["value"]):
+            return False
+        self.state["best"] = {"step": self.step_count, "value": value}
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            final = self.out / "best"
+            tmp, old = final.with_name("best.tmp"), final.with_name("best.old")
+            for folder in (tmp, old):
+                if folder.exists():
+                    shutil.rmtree(folder)
+            tmp.mkdir(parents=True)
+            save(tmp)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+            logger.info(f"best {name} {value:.6g} at step {self.step_count}: model saved in {final}")
+        self.accelerator.wait_for_everyone()
+        return True
+
+    def run_loop(self, step: Callable[[], dict], evaluate: Callable[[], Optional[dict]], every: int,
+                 save: Callable[[Path], None]) -> tuple[Optional[dict], Optional[dict]]:
+        """The evaluate - train - evaluate loop of the offline recipes.
+
+        ``evaluate()`` returns the held-out metrics (None without held-out data), which are logged;
+        it runs before the first step (once: the result, ``eval_start``, is kept in checkpoints),
+        every ``every`` steps (0: never in between) and after the last step, and ``keep_best`` follows
+        each. ``step()`` does one optimizer step and returns its metrics for ``end_step``.
+        Returns ``(eval_start, eval_end)``, also written to summary.json."""
+        def run_eval() -> Optional[dict]:
+            metrics = evaluate()
+            if metrics is None and self.cfg.best_metric is not None:
+                raise UserError(f"train.best_metric='{self.cfg.best_metric}' needs held-out data: set data.eval_path, "
+                                "data.eval_split or data.eval_fraction > 0")
+            if metrics is not None:
+                self.log(metrics)
+                self.keep_best(metrics, save)
+            return metrics
+
+        if "eval_start" not in self.state:
+            self.state["eval_start"] = run_eval()
+            if self.state["eval_start"] is None and every:
+                raise UserError(f"eval.every={every} needs held-out data: set data.eval_path, data.eval_split or "
+                                "data.eval_fraction > 0")
+        def periodic() -> None:
+            if every and self.step_count % every == 0 and not self.done:
+                run_eval()
+
+        while not self.done:
+            self.end_step(step(), evaluate=periodic)
+        end = run_eval()
+        self.extra_summary.update(eval_start=self.state["eval_start"], eval_end=end)
+        return self.state["eval_start"], end
 
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)

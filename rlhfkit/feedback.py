@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ class JudgeConfig:
     """Answers of the pointwise judge, e.g. ``["1", ..., "10"]`` or ``["No", "Yes"]``."""
     values: Optional[list[float]] = None
     """Value of each label (default: the labels read as numbers); the score is their expectation."""
-    chat_template: str = "auto"
+    chat_template: Literal["auto", "true", "false"] = "auto"
     """Send the judge prompt through the tokenizer's chat template: ``auto``, ``true`` or ``false``."""
     system_prompt: Optional[str] = None
     """System message of the judge."""
@@ -384,7 +384,7 @@ def group_scores(judge: PairwiseJudge, prompts: Sequence[str], completions: Sequ
     if len(completions) % n:
         raise UserError(f"group_scores: {len(completions)} completions are not groups of {n}")
     if n < 2:
-        raise UserError("the pairwise judge needs at least two samples per prompt (num_samples >= 2)")
+        raise UserError("the pairwise judge needs at least two samples per prompt (samples_per_prompt >= 2)")
     xs, ia, ib = [], [], []
     for g in range(0, len(completions), n):
         for i in range(n):

@@ -224,7 +224,7 @@ def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
     (["train.batch_size=0"], "train.batch_size must be > 0"),
     (["data.eval_fraction=1.0"], "data.eval_fraction must be in [0, 1)"),
     (["data.overlong=trunc"], "did you mean 'truncate'"),
-    (["data.chat_template=yes please"], "data.chat_template must be one of"),
+    (["data.chat_template=yes please"], "'data.chat_template' must be one of"),
     (["train.scheduler=cosin"], "did you mean 'cosine'"),
     (["lora.dropout=1.0"], "lora.dropout must be in [0, 1)"),
 ])
@@ -359,3 +359,82 @@ def test_parse_args_splits_config_flags_and_overrides():
     assert cli.parse_args(["--config=b.yaml"])[0] == "b.yaml"
     # the value keeps everything after the first '='
     assert load_config(DataConfig, None, ["path=x=y"]).path == "x=y"
+
+
+# ---------------------------------------------------------------------------------------------
+# renamed keys (RENAMED): old names work for one release with a warning; both names is an error
+# ---------------------------------------------------------------------------------------------
+
+
+class _Lines(list):
+    """Messages logged by the ``rlhfkit`` logger (which does not propagate once the CLI set it up)."""
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("rlhfkit").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("rlhfkit").removeHandler(self.handler)
+
+
+@pytest.mark.unit
+def test_renamed_keys_map_to_new_names_with_one_warning(tmp_path):
+    p = write(tmp_path, "train:\n  eval_every: 7\neval_batch_size: 3\n")
+    with _Lines() as lines:
+        cfg = load_config(sft.Config, p, ["eval_max_rows=5"])
+    assert (cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_rows) == (7, 3, 5)
+    assert lines.count("warning: 'train.eval_every' is deprecated, use 'eval.every'") == 1
+    assert lines.count("warning: 'eval_batch_size' is deprecated, use 'eval.batch_size'") == 1
+    assert lines.count("warning: 'eval_max_rows' is deprecated, use 'eval.max_rows'") == 1
+    # the Python API maps them too
+    api = C.make_config(sft.Config, {"train": {"eval_every": 4}}, eval_batch_size=2)
+    assert (api.eval.every, api.eval.batch_size) == (4, 2)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text,overrides", [("train:\n  eval_every: 7\neval:\n  every: 3\n", []),
+                                            ("eval:\n  batch_size: 3\n", ["eval_batch_size=4"])])
+def test_old_and_new_name_together_is_an_error(tmp_path, text, overrides):
+    with pytest.raises(ConfigError, match="deprecated"):
+        load_config(sft.Config, write(tmp_path, text), overrides)
+    with pytest.raises(ConfigError, match="deprecated"):
+        C.make_config(sft.Config, {"eval": {"every": 2}}, train__eval_every=3)
+
+
+@pytest.mark.unit
+def test_nested_section_renames_and_unknown_keys_keep_their_suggestion():
+    from rlhfkit.recipes import dpo
+
+    cfg = load_config(dpo.Config, None, ["precompute_reference=true", "reference_cache_dir=/tmp/x", "gamma=0.7", "lam=0.2"])
+    assert (cfg.reference.precompute, cfg.reference.cache_dir) == (True, "/tmp/x")
+    assert (cfg.simpo_gamma, cfg.orpo_lambda) == (0.7, 0.2)
+    with pytest.raises(ConfigError, match="did you mean 'eval.batch_size'"):
+        load_config(sft.Config, None, ["eval.batch_sise=3"])
+
+
+@pytest.mark.unit
+def test_help_lists_no_deprecated_name_and_lists_literal_choices(capsys):
+    from rlhfkit.recipes import dpo
+
+    cli.print_help("dpo", dpo.Config)
+    text = capsys.readouterr().out
+    keys = {line.split(" = ")[0].strip() for line in text.splitlines() if " = " in line and line.startswith("  ")
+            and not line.startswith("      ")}
+    assert {"eval.every", "eval.batch_size", "eval.max_rows", "reference.precompute", "simpo_gamma", "orpo_lambda",
+            "train.best_metric", "train.best_mode"} <= keys
+    assert not keys & {"train.eval_every", "eval_batch_size", "eval_max_rows", "precompute_reference", "gamma", "lam"}
+    assert "One of: sigmoid, robust, ipo, hinge, simpo, orpo." in " ".join(text.split())
+
+
+@pytest.mark.unit
+def test_best_metric_must_be_logged_by_the_recipe():
+    with pytest.raises(ConfigError, match="train.best_metric='eval/accuracy' is never logged by sft"):
+        load_config(sft.Config, None, ["train.best_metric=eval/accuracy"])
+    with pytest.raises(ConfigError, match="'train.best_mode' must be one of"):
+        load_config(sft.Config, None, ["train.best_mode=largest"])

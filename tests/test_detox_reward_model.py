@@ -28,7 +28,7 @@ def detox_rm_run(tmp_path_factory, tiny_dir):
     cfg.output_dir = str(tmp / "pipe")
     data = ROOT / "examples/data"
     model = f"{{name_or_path: '{gpt2}'}}"
-    over = [f"reward.model.name_or_path={bert}", "reward.train.max_steps=4", "reward.train.eval_every=0",
+    over = [f"reward.model.name_or_path={bert}", "reward.train.max_steps=4", "reward.eval.every=0",
             f"reward.data.path={data / 'toxicity_prefs.jsonl'}",
             f"reward.data.eval_path={data / 'toxicity_prefs_test.jsonl'}",
             f"ppo.model.name_or_path={gpt2}", "ppo.train.max_steps=3", "ppo.train.checkpoint_every=1",

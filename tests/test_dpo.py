@@ -73,7 +73,7 @@ def test_orpo_and_simpo_use_averages_and_chosen_token_nll(tiny_llama):
     r = torch.stack([plain_logp(lm, p.prompt_ids, p.rejected_ids, False) for p in PAIRS])
     n_c = torch.tensor([3.0, 2.0, 5.0])
     n_r = torch.tensor([2.0, 4.0, 3.0])
-    got, _ = dpo.preference_loss(PolicyModel(lm), batch, dpo.Config(loss="orpo", lam=0.3))
+    got, _ = dpo.preference_loss(PolicyModel(lm), batch, dpo.Config(loss="orpo", orpo_lambda=0.3))
     # NLL = -(sum of chosen token log-probs) / (3 + 2 + 5 chosen tokens)
     want, _ = losses.orpo(c / n_c, r / n_r, -c.sum() / 10.0, lam=0.3)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
@@ -126,7 +126,7 @@ def test_cache_key_follows_data_lengths_and_adapter_files(tmp_path):
 @pytest.mark.unit
 @pytest.mark.parametrize("overrides,message", [
     (["loss=ipo", "label_smoothing=0.1"], "label_smoothing applies"),
-    (["loss=orpo", "beta=0.1"], "its weight is 'lam'"),
+    (["loss=orpo", "beta=0.1"], "its weight is 'orpo_lambda'"),
     (["reference.kind=none"], "needs a reference"),
     (["loss=robust", "label_smoothing=0.5"], "[0, 0.5)"),
     (["loss=sigmod"], "did you mean 'sigmoid'"),
@@ -176,7 +176,7 @@ def dpo_config(model: str, tmp_path: Path, out: str = "run", **kw) -> dpo.Config
 
 
 def assert_learned(summary: dict, out: Path, reference_free: bool = False):
-    start, end = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
+    start, end = summary["eval_start"]["eval/accuracy"], summary["eval_end"]["eval/accuracy"]
     print(f"[accuracy] {out.name} loss={summary['loss']}: {start:.3f} -> {end:.3f}")
     # With a reference, the policy equals it at the start: every margin is 0 and counts as wrong.
     # Reference-free, a fixed bias for "yes" or "no" gets half the pairs right (the data is balanced).
@@ -198,7 +198,7 @@ VARIANTS = {  # id: (loss, extra config); beta 0.5 moves a random tiny model wit
     "ipo": ("ipo", {"beta": 0.5}),
     "hinge": ("hinge", {"beta": 0.5}),
     "simpo": ("simpo", {}),
-    "orpo": ("orpo", {"lam": 1.0, "train": {"max_steps": 40}}),
+    "orpo": ("orpo", {"orpo_lambda": 1.0, "train": {"max_steps": 40}}),
 }
 
 
@@ -265,9 +265,9 @@ def test_precomputed_reference_is_cached_reused_and_equals_live(tiny_llama, tmp_
     cache = tmp_path / "cache"
 
     def go(out, precompute):
-        cfg = dpo_config(tiny_llama, tmp_path, out=out, beta=0.5, precompute_reference=precompute,
-                         reference_cache_dir=str(cache), train={"max_steps": 2})
+        cfg = dpo_config(tiny_llama, tmp_path, out=out, beta=0.5, train={"max_steps": 2})
         cfg.reference.kind, cfg.reference.model = "copy", str(tmp_path / "ref_model")
+        cfg.reference.precompute, cfg.reference.cache_dir = precompute, str(cache)
         return dpo.run(cfg), metrics_lines(tmp_path / out)
 
     live, live_lines = go("live", False)

@@ -15,7 +15,7 @@ import torch
 from helpers import sft_rows, write_jsonl
 from rlhfkit import cli
 from rlhfkit.config import (
-    ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
+    ConfigError, DataConfig, EvalConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
 )
 from rlhfkit.data import Example, collate
 from rlhfkit.models import PolicyModel, Reference, load_model, load_policy
@@ -39,7 +39,7 @@ def make_config(model: str, data: str, out, steps: int = 20, **kw) -> grpo.Confi
                         eval_fraction=0.1),
         train=TrainConfig(**train),
         generation=GenerationConfig(max_new_tokens=8, batch_size=64),
-        prompts_per_step=4, samples_per_prompt=8, eval_max_rows=20,
+        prompts_per_step=4, samples_per_prompt=8, eval=EvalConfig(max_rows=20),
     )
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -238,7 +238,7 @@ def test_example_config_loads():
 def test_configured_rewards_are_logged_per_part(tiny_llama, tmp_path):
     """Two config rewards: every part is logged, and reward/mean = bias + sum_k w_k reward/<k>."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
-    cfg = make_config(tiny_llama, data, tmp_path / "run", steps=2, kl_coef=0.0, reward_bias=0.25, eval_max_rows=4,
+    cfg = make_config(tiny_llama, data, tmp_path / "run", steps=2, kl_coef=0.0, reward_bias=0.25, eval=EvalConfig(max_rows=4),
                       rewards=[RewardConfig(kind="token_frequency", token="a", weight=2.0),
                                RewardConfig(kind="length", weight=0.5, min_words=3, max_words=4)])
     summary = grpo.run(cfg)

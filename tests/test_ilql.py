@@ -437,7 +437,7 @@ def test_run_writes_outputs_and_resume_restores_target_heads(tiny_gpt2, tmp_path
     over = quick_config(tmp_path / "a", model=dict(name_or_path=tiny_gpt2), data=dict(path=data, eval_fraction=0.25),
                         train=dict(max_steps=4, checkpoint_every=2, keep_checkpoints=2), tau_target=0.3,
                         eval_reward=[dict(kind="python", function=f"{__file__}:has_cat")], eval_betas=[0.0, 2.0],
-                        eval_max_prompts=4)
+                        eval=dict(max_rows=4))
     summary = ilql.run(config(over))
     a = tmp_path / "a"
     assert {"config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", ilql.HEADS_FILE,

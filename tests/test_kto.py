@@ -152,14 +152,14 @@ def kto_config(model: str, tmp_path: Path, paired: bool = False, out: str = "run
 
 
 def assert_kto_learned(summary: dict, out: Path):
-    print(f"[accuracy] kto {out}: pairs {summary['eval_pair_accuracy_start']:.3f} -> "
-          f"{summary['eval_pair_accuracy_end']:.3f}, signs {summary['eval_accuracy_end']:.3f}")
+    print(f"[accuracy] kto {out}: pairs {summary['eval_start']['eval/pair_accuracy']:.3f} -> "
+          f"{summary['eval_end']['eval/pair_accuracy']:.3f}, signs {summary['eval_end']['eval/accuracy']:.3f}")
     # 40 held-out pairs; at the start the policy equals the reference: every reward and margin is 0
-    assert summary["eval_pair_accuracy_start"] == 0.0 and summary["eval_accuracy_start"] == 0.0, summary
-    assert summary["eval_pair_accuracy_end"] >= 0.9, summary
+    assert summary["eval_start"]["eval/pair_accuracy"] == 0.0 and summary["eval_start"]["eval/accuracy"] == 0.0, summary
+    assert summary["eval_end"]["eval/pair_accuracy"] >= 0.9, summary
     lines = metrics_lines(out)
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= set(lines[1])
-    assert [l for l in lines if "eval/pair_accuracy" in l][-1]["eval/pair_accuracy"] == summary["eval_pair_accuracy_end"]
+    assert [l for l in lines if "eval/pair_accuracy" in l][-1]["eval/pair_accuracy"] == summary["eval_end"]["eval/pair_accuracy"]
 
 
 @pytest.mark.learning
@@ -186,9 +186,9 @@ def test_kto_precomputed_reference_equals_live(tiny_llama, tmp_path):
     other.save_pretrained(tmp_path / "ref_model")
 
     def go(out, precompute):
-        cfg = kto_config(tiny_llama, tmp_path, out=out, precompute_reference=precompute,
-                         reference_cache_dir=str(tmp_path / "cache"), train={"max_steps": 2})
+        cfg = kto_config(tiny_llama, tmp_path, out=out, train={"max_steps": 2})
         cfg.reference.kind, cfg.reference.model = "copy", str(tmp_path / "ref_model")
+        cfg.reference.precompute, cfg.reference.cache_dir = precompute, str(tmp_path / "cache")
         return kto.run(cfg), metrics_lines(tmp_path / out)
 
     _, live = go("live", False)

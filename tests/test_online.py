@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import sft_rows, trainable_params, write_jsonl
-from rlhfkit.config import (DataConfig, GenerationConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
+from rlhfkit.config import (EvalConfig, DataConfig, GenerationConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
                             to_dict)
 from rlhfkit.recipes import grpo, ppo
 
@@ -34,7 +34,7 @@ def grpo_config(model: str, data: str, out, **kw) -> grpo.Config:
                                       chat_template="false", eval_fraction=0.1),
                       train=TrainConfig(**train), generation=GenerationConfig(max_new_tokens=6, batch_size=32),
                       rewards=[RewardConfig(kind="token_frequency", token="a")],
-                      prompts_per_step=4, samples_per_prompt=4, eval_max_rows=4)
+                      prompts_per_step=4, samples_per_prompt=4, eval=EvalConfig(max_rows=4))
     for k, v in kw.items():
         setattr(cfg, k, v)
     cfg.validate()
@@ -49,7 +49,7 @@ def ppo_config(model: str, data: str, out, **kw) -> ppo.Config:
                                        group_by_length=False),
                      generation=GenerationConfig(max_new_tokens=6, top_k=0, output_length_range=[3, 6]),
                      rewards=[RewardConfig(kind="token_frequency", token="a")],
-                     rollout_batch_size=8, ppo_epochs=2, kl_coef=0.01, eval_max_rows=4)
+                     rollout_batch_size=8, ppo_epochs=2, kl_coef=0.01, eval=EvalConfig(max_rows=4))
     for k, v in kw.items():
         setattr(cfg, k, v)
     cfg.validate()
@@ -97,7 +97,7 @@ def test_ppo_fits_long_prompts_to_the_model_and_honours_overlong_drop(tiny_gpt2,
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     long_rows = None
     for overlong in ("truncate", "drop"):
-        cfg = ppo_config(tiny_gpt2, data, tmp_path / overlong, eval_max_rows=8)
+        cfg = ppo_config(tiny_gpt2, data, tmp_path / overlong, eval=EvalConfig(max_rows=8))
         cfg.model.max_length, cfg.data.prompt_template, cfg.data.eval_fraction = 512, None, 0.25
         cfg.data.overlong, cfg.train.max_steps = overlong, 1
         summary = ppo.run(cfg, reward_fn=letter_a)
@@ -139,7 +139,7 @@ def test_reinforce_pp_raises_reward(tiny_gpt2, tmp_path):
     """REINFORCE++ (one sample per prompt, batch-whitened returns with a k1 KL reward to a frozen copy)."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(200))
     cfg = grpo_config(tiny_gpt2, data, tmp_path / "run", algorithm="reinforce_pp", samples_per_prompt=1,
-                      prompts_per_step=32, kl_coef=0.01, eval_max_rows=20,
+                      prompts_per_step=32, kl_coef=0.01, eval=EvalConfig(max_rows=20),
                       train={"lr": 1e-2, "max_steps": 20, "batch_size": 32})
     summary = grpo.run(cfg, reward_fn=letter_a)
     start, end = summary["eval_reward_start"], summary["eval_reward_end"]
@@ -209,10 +209,10 @@ def test_sigterm_and_resume_equals_the_uninterrupted_run(tiny_gpt2, tmp_path, al
 @pytest.mark.unit
 def test_ppo_honours_train_epochs_and_eval_every(tiny_gpt2, tmp_path):
     """train.epochs: one pass over the training prompts (rollout_batch_size 8 a step);
-    train.eval_every 2: held-out reward, KL and reward parts at steps 0, 2 and the end."""
+    eval.every 2: held-out reward, KL and reward parts at steps 0, 2 and the end."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
     cfg = ppo_config(tiny_gpt2, data, tmp_path / "run", ppo_epochs=1)
-    cfg.train.epochs, cfg.train.eval_every, cfg.train.max_steps = 1, 2, 1000
+    cfg.train.epochs, cfg.eval.every, cfg.train.max_steps = 1, 2, 1000
     summary = ppo.run(cfg)
     assert summary["steps"] == summary["data"]["rows"] // 8 == 4  # 36 training prompts (4 held out)
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -230,4 +230,4 @@ def test_renamed_keys_still_load():
     cfg = load_config(grpo.Config, None, ["beta=0.1", "group_size=3", "clip_epsilon=0.3"])
     assert (cfg.kl_coef, cfg.samples_per_prompt, cfg.clip_range) == (0.1, 3, 0.3)
     cfg = load_config(ppo.Config, None, ["cliprange=0.3", "cliprange_value=0.4", "target_kl=0.02", "eval_prompts=5"])
-    assert (cfg.clip_range, cfg.value_clip_range, cfg.early_stop_kl, cfg.eval_max_rows) == (0.3, 0.4, 0.02, 5)
+    assert (cfg.clip_range, cfg.value_clip_range, cfg.early_stop_kl, cfg.eval.max_rows) == (0.3, 0.4, 0.02, 5)

@@ -96,7 +96,7 @@ def test_grpo_reference_copy_sits_on_the_engine_device(placement, tiny_llama, tm
 
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(40))
     cfg = make_config(tiny_llama, data, tmp_path / "grpo", steps=2, train={"batch_size": 8})
-    setattr(cfg, "kl_coef" if hasattr(cfg, "kl_coef") else "beta", 0.05)  # a reference copy is loaded
+    cfg.kl_coef = 0.05  # a reference copy is loaded
     grpo.run(cfg, reward_fn=letter_a)
     check(*placement)
     assert len(placement[0][0].placed) == 2

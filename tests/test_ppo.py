@@ -7,7 +7,7 @@ import torch
 
 from helpers import write_jsonl
 from tiny import WORDS
-from rlhfkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig
+from rlhfkit.config import EvalConfig, DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig
 from rlhfkit.recipes import ppo
 
 
@@ -171,7 +171,7 @@ def test_samples_per_prompt_repeats_each_prompt(tiny_gpt2, tmp_path):
         return lowercase_share(prompts, completions)
 
     cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run", rollout_batch_size=8, samples_per_prompt=4,
-                 ppo_epochs=1, eval_max_rows=0)
+                 ppo_epochs=1, eval=EvalConfig(max_rows=0))
     cfg.train.max_steps = 2
     ppo.run(cfg, reward_fn=recording)
     rollouts = [p for p in seen if len(p) == 8]
@@ -189,7 +189,7 @@ def test_value_lr_sets_the_value_heads_step(tiny_gpt2, tmp_path):
     weights took steps of train.lr (1e-2)."""
     from safetensors.torch import load_file
 
-    cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run", ppo_epochs=1, eval_max_rows=0, value_lr=1e-5)
+    cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run", ppo_epochs=1, eval=EvalConfig(max_rows=0), value_lr=1e-5)
     cfg.train.max_steps, cfg.lora = 1, LoraConfig(enabled=True)
     ppo.run(cfg, reward_fn=lowercase_share)  # rollout 16, minibatch 8: 2 updates
     head = load_file(str(tmp_path / "run" / "value_head.safetensors"))["summary.weight"]

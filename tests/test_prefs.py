@@ -62,7 +62,7 @@ class Script:
 def make_cfg(tmp_path: Path, prompts: list[str], **kw) -> prefs.Config:
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "target": "positive", "split": "train"} for p in prompts])
     base = dict(data=DataConfig(path=data, chat_template="false"), generation=GenerationConfig(batch_size=4),
-                num_samples=2, output_dir=str(tmp_path / "out"), progress=False)
+                samples_per_prompt=2, output_dir=str(tmp_path / "out"), progress=False)
     base.update(kw)
     return prefs.Config(**base)
 
@@ -243,7 +243,7 @@ def test_temperatures_cycle_over_samples_and_prompts_are_batched(tmp_path):
         calls.append((list(prompts), temperature))
         return [f"{temperature}|0 {p} {i}." for i, p in enumerate(prompts)]
 
-    cfg = make_cfg(tmp_path, ["a", "b"], num_samples=3, temperatures=[0.7, 1.0], generation=GenerationConfig(batch_size=6))
+    cfg = make_cfg(tmp_path, ["a", "b"], samples_per_prompt=3, temperatures=[0.7, 1.0], generation=GenerationConfig(batch_size=6))
     prefs.run(cfg, sample_fn=sample, reward_fn=parts_reward())
     # samples 0 and 2 of each prompt at 0.7, sample 1 at 1.0; both prompts in each generate call
     assert calls == [(["a", "a", "b", "b"], 0.7), (["a", "b"], 1.0)]
@@ -265,7 +265,7 @@ def test_judge_mode_ranks_samples_with_the_pairwise_judge(tmp_path):
 
     judge = PairwiseJudge(CountGood(), template="{prompt}\nA: {a}\nB: {b}")
     script = {"p": [["good good.", "good.", "bad."]]}
-    cfg = make_cfg(tmp_path, ["p"], mode="judge", num_samples=3, generation=GenerationConfig(batch_size=3))
+    cfg = make_cfg(tmp_path, ["p"], mode="judge", samples_per_prompt=3, generation=GenerationConfig(batch_size=3))
     prefs.run(cfg, sample_fn=Script(script), judge=judge)
     (row,) = read_jsonl(tmp_path / "out" / "prefs.jsonl")
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -292,7 +292,7 @@ def test_cli_prefs_on_a_tiny_model(tiny_gpt2, tmp_path, capsys):
     cfg_file = tmp_path / "prefs.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "model": {"name_or_path": tiny_gpt2}, "data": {"path": data, "where": {"split": "train"}},
-        "generation": {"max_new_tokens": 6, "batch_size": 6}, "num_samples": 3, "temperatures": [0.8, 1.2],
+        "generation": {"max_new_tokens": 6, "batch_size": 6}, "samples_per_prompt": 3, "temperatures": [0.8, 1.2],
         "rewards": rewards, "reward_bias": 0.001, "max_attempts": 2, "output_dir": str(tmp_path / "out"),
         "progress": False}))
     assert main(["prefs", "--config", str(cfg_file)]) == 0

@@ -83,11 +83,11 @@ def check_saved_matches_recipe(cfg: reward.Config, summary: dict) -> None:
     assert stats["std"] == pytest.approx(float(r.std()), rel=1e-4)  # population std
     assert summary["reward_mean"] == stats["mean"] and summary["reward_std"] == stats["std"]
     rc, rr = rm_scores(out, held.rows, "chosen"), rm_scores(out, held.rows, "rejected")
-    assert summary["eval_accuracy_end"] == pytest.approx(float((rc > rr).mean()), abs=1e-6)
-    assert summary["eval_margin_end"] == pytest.approx(float((rc - rr).mean()), abs=1e-4)
+    assert summary["eval_end"]["eval/accuracy"] == pytest.approx(float((rc > rr).mean()), abs=1e-6)
+    assert summary["eval_end"]["eval/margin"] == pytest.approx(float((rc - rr).mean()), abs=1e-4)
     m = np.array([row.get("m", 0.0) for row in held.rows]) if cfg.margin_column else 0.0
     loss = float(np.mean(np.log1p(np.exp(-(rc - rr - m)))))  # -log sigmoid(r_c - r_r - m)
-    assert summary["eval_loss_end"] == pytest.approx(loss, rel=1e-3, abs=1e-5)
+    assert summary["eval_end"]["eval/loss"] == pytest.approx(loss, rel=1e-3, abs=1e-5)
     norm = rm_scores(out, train.rows, "chosen", normalize=True)
     assert norm == pytest.approx((rm_scores(out, train.rows, "chosen") - stats["mean"]) / stats["std"], abs=1e-5)
 
@@ -100,9 +100,9 @@ def test_reward_model_learns_marker(backbone, bert_path, request, tmp_path):
     cfg = rm_config(model, data, tmp_path / "rm", max_steps=60, lr=1e-3 if backbone == "bert" else 3e-3)
     summary = reward.run(cfg)
     # 60 held-out pairs; a random scorer sits near 0.5, one that found the marker near 1.0
-    assert summary["eval_accuracy_start"] <= 0.75, summary
-    assert summary["eval_accuracy_end"] >= 0.9, summary
-    assert summary["eval_margin_end"] > summary["eval_margin_start"] + 0.5, summary
+    assert summary["eval_start"]["eval/accuracy"] <= 0.75, summary
+    assert summary["eval_end"]["eval/accuracy"] >= 0.9, summary
+    assert summary["eval_end"]["eval/margin"] > summary["eval_start"]["eval/margin"] + 0.5, summary
     assert summary["head"] == ("classifier" if backbone == "bert" else "value_head")
     out = tmp_path / "rm"
     spec = json.loads((out / "rlhfkit_reward.json").read_text())
@@ -176,7 +176,7 @@ def test_cli_bad_input_exits_2(bert_path, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     (tmp_path / "bad_head.yaml").write_text(f"model: {{name_or_path: {bert_path}}}\nhead: regression\n")
     res = _cli(["reward", "--config", "bad_head.yaml"], tmp_path)
-    assert res.returncode == 2 and res.stderr.startswith("error: head must be one of"), res.stderr
+    assert res.returncode == 2 and res.stderr.startswith("error: bad_head.yaml: 'head' must be one of"), res.stderr
     (tmp_path / "bad_row.yaml").write_text(
         f"model: {{name_or_path: {bert_path}}}\ndata: {{path: {data}}}\ntrain: {{output_dir: {tmp_path / 'o'}}}\n")
     res = _cli(["reward", "--config", "bad_row.yaml"], tmp_path)

@@ -18,8 +18,8 @@ def test_sft_heldout_loss_falls(fixture, lora, request, tmp_path):
     summary = sft.run(cfg)
     # Uniform guessing over 320 tokens costs ln(320) = 5.77 nats; the summaries are a function
     # of one dialogue word, so a model that learns them should at least halve the loss.
-    assert summary["eval_loss_start"] > 4.0
-    assert summary["eval_loss_end"] < 0.5 * summary["eval_loss_start"], summary
+    assert summary["eval_start"]["eval/loss"] > 4.0
+    assert summary["eval_end"]["eval/loss"] < 0.5 * summary["eval_start"]["eval/loss"], summary
     assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_second"} <= set(lines[1])
@@ -34,4 +34,4 @@ def test_sft_packing_learns(tiny_llama, tmp_path):
     cfg = sft_config(tiny_llama, data, tmp_path / "run", max_steps=40, batch_size=2)
     cfg.packing = True
     summary = sft.run(cfg)
-    assert summary["eval_loss_end"] < 0.5 * summary["eval_loss_start"], summary
+    assert summary["eval_end"]["eval/loss"] < 0.5 * summary["eval_start"]["eval/loss"], summary

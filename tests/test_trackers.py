@@ -118,8 +118,9 @@ def sft_run(tiny_llama, tmp_path_factory):
     cfg = {"model": {"name_or_path": tiny_llama, "max_length": 128},
            "data": {"path": data, "columns": {"completion": "summary"}, "chat_template": "false",
                     "prompt_template": "Summarize: {dialogue}\nSummary:", "eval_fraction": 0.1},
-           "train": {"output_dir": str(tmp / "run"), "max_steps": 4, "eval_every": 2, "batch_size": 8, "lr": 3e-3,
-                     "progress": False, "report_to": installed, "run_name": "myrun", "project": "proj"}}
+           "train": {"output_dir": str(tmp / "run"), "max_steps": 4, "batch_size": 8, "lr": 3e-3,
+                     "progress": False, "report_to": installed, "run_name": "myrun", "project": "proj"},
+           "eval": {"every": 2}}
     out = run_cli("sft", cfg, tmp)
     lines = metrics_lines(out)
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4]

@@ -1,6 +1,7 @@
 """What the online RL recipes (``ppo``, ``grpo``/``rloo``/REINFORCE++) share around the experience
 core (``rlhfkit.rollout``): the training and held-out prompts, and the held-out evaluation at the
-start, every ``train.eval_every`` iterations and at the end.
+start, every ``eval.every`` iterations and at the end; ``train.best_metric`` (e.g. ``eval/reward``)
+keeps the best model in ``output_dir/best``.
 
 Evaluation decodes greedily and logs ``eval/reward``, ``eval/reward/<part>`` and ``eval/kl`` (nats
 per response to the reference, when the run has one) at the current step, so a best checkpoint
@@ -12,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from rlhfkit.config import DataConfig, GenerationConfig, ModelConfig
+from rlhfkit.config import DataConfig, GenerationConfig, ModelConfig, UserError
 from rlhfkit.data import DataStats, Table, load_splits
 from rlhfkit.engine import Engine
 from rlhfkit.models import unwrap
 from rlhfkit.rollout import PromptItem, evaluate_prompts, fit_prompts
 from rlhfkit.utils import atomic_write_text, logger
+
+
+def online_eval_metrics(rewards) -> list[str]:
+    """What ``HeldOutEval`` logs for these reward configs: ``train.best_metric`` may name any."""
+    return ["eval/reward", "eval/kl"] + [f"eval/reward/{r.name or r.kind}" for r in rewards]
 
 
 def online_prompts(data: DataConfig, model_cfg: ModelConfig, gen: GenerationConfig, tokenizer, lm,
@@ -44,16 +50,23 @@ class HeldOutEval:
     """Greedy held-out evaluation of an online run (see the module docstring)."""
 
     def __init__(self, engine: Engine, tokenizer, held: list[PromptItem], reward, gen: GenerationConfig,
-                 reference=None, chunk: int = 8, every: int = 0):
+                 reference=None, chunk: int = 8, every: int = 0, save: Optional[Callable] = None):
         self.engine, self.tok, self.held, self.reward, self.gen = engine, tokenizer, held, reward, gen
-        self.reference, self.chunk, self.every = reference, chunk, every
+        self.reference, self.chunk, self.every, self.save = reference, chunk, every, save
+        if not held and (every or engine.cfg.best_metric):
+            key = "eval.every" if every else "train.best_metric"
+            raise UserError(f"{key} needs held-out prompts: set data.eval_path, data.eval_split or data.eval_fraction > 0")
 
     def run(self) -> Optional[dict]:
+        """Evaluate, log ``eval/<name>``, and keep the best model (``train.best_metric``)."""
         policy = self.engine.unwrapped()
         policy = getattr(policy, "policy", policy)  # PPO's ActorCritic: generate with its policy
         result = evaluate_prompts(policy, self.tok, self.held, self.reward, self.gen, self.reference, self.chunk)
         if result is not None:
-            self.engine.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
+            logged = {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
+            self.engine.log(logged)
+            if self.save is not None:
+                self.engine.keep_best(logged, self.save)
         return result
 
     def start(self) -> None:
@@ -61,7 +74,8 @@ class HeldOutEval:
         if self.held and self.engine.state.get("eval_start") is None:
             self.engine.state["eval_start"] = self.run()
 
-    def after_step(self) -> None:
+    def periodic(self) -> None:
+        """``Engine.end_step(evaluate=...)``: before the step's checkpoint, so a resumed run has it."""
         if self.every and self.engine.step_count % self.every == 0 and not self.engine.done:
             self.run()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, save_config
 from rlhfkit.feedback import (ChatFn, ChatGenerator, Principle, constitutional_revisions, default_principles, load_lm,
@@ -28,6 +28,9 @@ from rlhfkit.utils import append_jsonl, atomic_write_json, atomic_write_jsonl, l
 
 @dataclass
 class Config:
+    UNUSED: ClassVar[tuple[str, ...]] = (
+        "data.eval_path", "data.eval_split", "data.eval_fraction", "data.shuffle_seed", "data.max_prompt_length",
+        "data.max_completion_length", "data.overlong", "data.drop_invalid")
     model: ModelConfig = field(default_factory=ModelConfig)
     """The assistant that answers, critiques and revises."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -58,7 +61,11 @@ class Config:
 
 
 def run(cfg: Config, resume: bool = False, chat: Optional[ChatFn] = None) -> dict:
-    """Revise every prompt's answer. Python callers may pass ``chat`` (a ``ChatFn``) instead of a model."""
+    """Revise every prompt's answer. Python callers may pass ``chat`` (a ``ChatFn``) instead of a model.
+
+    ``revisions.jsonl`` is the state: prompts revised by an earlier run in ``output_dir`` are kept
+    and skipped whether or not ``resume`` (``--resume``) is set, as ``prefs`` does; delete the folder
+    to start again."""
     import torch
 
     from rlhfkit.recipes.prefs import load_prompts, read_rows

@@ -14,15 +14,16 @@ h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x)):
 - ``hinge``: SLiC-HF's calibration loss (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood
   Calibration with Human Feedback"), relu(1 - b h).
 - ``simpo``: SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a
-  Reference-Free Reward"), -log s(b (c - r) - gamma) on per-token average log-probs c, r.
+  Reference-Free Reward"), -log s(b (c - r) - simpo_gamma) on per-token average log-probs c, r.
 - ``orpo``: ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
-  Model"), NLL(chosen) + lam * -log s(log odds ratio), on per-token average log-probs.
+  Model"), NLL(chosen) + orpo_lambda * -log s(log odds ratio), on per-token average log-probs.
 
 Steps: data (prompt/chosen/rejected, hh-rlhf dialogues with a shared prefix, or chat messages)
 -> tokenize -> reference log-probs (live, or precomputed once and cached) -> for each optimizer
 step: micro-batches of pairs, chosen and rejected through ONE concatenated forward (rows 0..B-1
 chosen, B..2B-1 rejected) -> loss -> ``engine.step``. Held-out preference accuracy is measured
-before training, every ``train.eval_every`` steps and at the end.
+before training, every ``eval.every`` steps and at the end (``eval_start`` / ``eval_end`` in
+summary.json).
 
 ``summary.json`` (and ``metrics.jsonl``) count ``samples`` in preference pairs (one pair is one
 sample); ``sequences`` in the summary is the chosen + rejected sequences, 2 x ``samples``.
@@ -36,7 +37,7 @@ Deliberate choices and deviations:
   per-token averages (IPO as TRL does; SimPO and ORPO as their papers define them).
 - ``hinge`` is SLiC's calibration term only (margin 1, scaled by b as TRL does); SLiC's
   regularisation towards the SFT targets is left out (add it with an SFT stage).
-- SimPO's ``gamma`` is the margin itself (paper eq. 6), not TRL's gamma/beta ratio.
+- SimPO's ``simpo_gamma`` is the margin itself (paper eq. 6), not TRL's gamma/beta ratio.
 - ORPO's NLL is the mean over all chosen tokens of the micro-batch, its odds-ratio term a mean
   over pairs; micro-batches are weighted by pairs in gradient accumulation, so with uneven
   lengths k micro-batches are not exactly one big batch for the NLL term.
@@ -45,45 +46,57 @@ Deliberate choices and deviations:
   averages it trains, for SimPO/ORPO the margin is that of the average log-probs. A policy equal
   to its reference has margin 0 on every pair, so the start accuracy of the reference-based losses
   is 0 by definition; it measures how far training moved the policy the right way.
-- ``precompute_reference`` computes the reference log-probs once with padding chosen for that
+- ``reference.precompute`` computes the reference log-probs once with padding chosen for that
   pass; they equal the live ones up to float rounding (~1e-6), not bit for bit.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
 from rlhfkit import losses
-from rlhfkit.config import ConfigError, DataConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig
-from rlhfkit.data import (DataStats, Example, PairExample, StepBatcher, collate_preferences, load_splits,
-                          preference_examples, tokenize_preferences)
-from rlhfkit.engine import Engine, process_info, resolve_precision, total_steps_for
+from rlhfkit.config import (ConfigError, DataConfig, EvalConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig,
+                            check_best_metric)
+from rlhfkit.data import Example, PairExample, collate_preferences, preference_examples, tokenize_preferences
+from rlhfkit.engine import resolve_precision
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
 from rlhfkit.recipes._preference import (default_cache_dir, model_inputs, policy_scores, precompute_reference,
                                          reference_identity, reference_sums, release_reference, sequence_logps)
 from rlhfkit.utils import logger, seed_everything
 
-LOSSES = ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"]
+Loss = Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"]
+LOSSES = list(typing.get_args(Loss))
+EVAL_METRICS = ["eval/accuracy", "eval/margin", "eval/loss"]
 REFERENCE_FREE = ("simpo", "orpo")
 DEFAULT_BETA = {"simpo": 2.0}  # every other loss: 0.1
 
 
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {
+        "train.eval_every": "eval.every", "eval_batch_size": "eval.batch_size", "eval_max_rows": "eval.max_rows",
+        "precompute_reference": "reference.precompute", "reference_cache_dir": "reference.cache_dir",
+        "gamma": "simpo_gamma", "lam": "orpo_lambda"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (usually the SFT model)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters (off: full fine-tune)."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    """The frozen reference policy (not loaded for the reference-free losses simpo and orpo)."""
+    """The frozen reference policy (not loaded for the reference-free losses simpo and orpo), and
+    whether its log-probs are precomputed once (``reference.precompute``, ``reference.cache_dir``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Preference rows: ``prompt/chosen/rejected`` (or ``prompt_template`` + chosen/rejected),
     ``chosen/rejected`` full dialogues with a shared prefix (hh-rlhf), or chat-message lists."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimizer, schedule, steps and output."""
-    loss: str = "sigmoid"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out preference accuracy: how often, sequences per forward (also of the reference
+    precomputation), how many pairs."""
+    loss: Loss = "sigmoid"
     """``sigmoid`` (DPO; cDPO with label_smoothing > 0), ``robust``, ``ipo``, ``hinge`` (SLiC),
     ``simpo`` or ``orpo`` (the last two are reference-free)."""
     beta: Optional[float] = None
@@ -91,44 +104,26 @@ class Config:
     label_smoothing: float = 0.0
     """Assumed probability e that a pair's label is flipped: ``sigmoid`` becomes cDPO, ``robust``
     needs it (e < 0.5). Other losses must leave it 0."""
-    gamma: float = 0.5
+    simpo_gamma: float = 0.5
     """``simpo``: target reward margin (the paper's gamma, not a gamma/beta ratio)."""
-    lam: float = 0.1
+    orpo_lambda: float = 0.1
     """``orpo``: weight of the odds-ratio term next to the chosen NLL."""
-    precompute_reference: bool = False
-    """Compute the reference log-probs of all pairs once before training (one no-grad pass),
-    cache them on disk and free the reference; the next run with the same reference, data and
-    lengths reuses the cache."""
-    reference_cache_dir: Optional[str] = None
-    """Folder of the precomputed reference log-probs; None: ``$RLHFKIT_CACHE/reference_logps``
-    (``~/.cache/rlhfkit/reference_logps``)."""
-    eval_batch_size: int = 16
-    """Sequences per forward when measuring held-out accuracy or precomputing reference log-probs."""
-    eval_max_rows: Optional[int] = None
-    """Measure held-out accuracy on at most this many pairs."""
 
     def validate(self) -> None:
-        if self.loss not in LOSSES:
-            import difflib
-
-            guess = difflib.get_close_matches(self.loss, LOSSES, n=1)
-            raise ConfigError(f"loss must be one of {LOSSES}, got '{self.loss}'"
-                              + (f"; did you mean '{guess[0]}'?" if guess else ""))
+        check_best_metric(self.train, "dpo", EVAL_METRICS)
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.loss == "orpo" and self.beta is not None:
-            raise ConfigError("loss=orpo has no beta; its weight is 'lam'")
+            raise ConfigError("loss=orpo has no beta; its weight is 'orpo_lambda'")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing > 0 and self.loss not in ("sigmoid", "robust"):
             raise ConfigError(f"label_smoothing applies to loss=sigmoid (cDPO) and loss=robust, not '{self.loss}'")
-        if self.lam < 0:
-            raise ConfigError(f"lam must be >= 0, got {self.lam}")
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
         if self.reference.kind == "none" and self.loss not in REFERENCE_FREE:
             raise ConfigError(f"loss={self.loss} needs a reference; reference.kind=none only suits "
                               f"{' and '.join(REFERENCE_FREE)}")
-        if self.eval_batch_size <= 0:
-            raise ConfigError(f"eval_batch_size must be > 0, got {self.eval_batch_size}")
 
 
 def uses_reference(cfg: Config) -> bool:
@@ -149,10 +144,10 @@ def objective(cfg: Config, logps: torch.Tensor, counts: torch.Tensor,
     B = logps.shape[0] // 2
     avg = logps / counts.clamp(min=1)  # (2B,) per-token averages
     if cfg.loss == "simpo":
-        return losses.simpo(avg[:B], avg[B:], beta=resolved_beta(cfg), gamma=cfg.gamma)
+        return losses.simpo(avg[:B], avg[B:], beta=resolved_beta(cfg), gamma=cfg.simpo_gamma)
     if cfg.loss == "orpo":
         chosen_nll = -logps[:B].sum() / counts[:B].sum().clamp(min=1)  # mean NLL of the chosen tokens
-        return losses.orpo(avg[:B], avg[B:], chosen_nll, lam=cfg.lam)
+        return losses.orpo(avg[:B], avg[B:], chosen_nll, lam=cfg.orpo_lambda)
     if ref_logps is None:
         raise RuntimeError(f"loss={cfg.loss} needs reference log-probs")
     pi, ref = logps, ref_logps
@@ -187,29 +182,19 @@ def run(cfg: Config, resume: bool = False) -> dict:
     seed_everything(cfg.train.seed)  # before the fresh LoRA weights are drawn: the run is reproducible
     model, tok = load_policy(cfg.model, cfg.lora)
     seq2seq = bool(model.config.is_encoder_decoder)
-    train_table, held_table = load_splits(cfg.data)
-    stats = DataStats()
-    train = tokenize_preferences(preference_examples(train_table, cfg.data, tok, stats), tok, cfg.data,
-                                 cfg.model.max_length, seq2seq, stats)
-    held_stats = DataStats()
-    held = tokenize_preferences(preference_examples(held_table, cfg.data, tok, held_stats), tok, cfg.data,
-                                cfg.model.max_length, seq2seq, held_stats) if held_table else []
-    if cfg.eval_max_rows is not None:
-        held = held[: cfg.eval_max_rows]
+    data = load_data(cfg, lambda table, stats: tokenize_preferences(
+        preference_examples(table, cfg.data, tok, stats), tok, cfg.data, cfg.model.max_length, seq2seq, stats))
+    train, held = data.train, data.held
     logger.info(f"dpo: loss={cfg.loss}, {len(train)} training pairs, {len(held)} held-out pairs")
 
     policy = PolicyModel(model)
     if not uses_reference(cfg):
         if cfg.reference.kind not in ("auto", "none"):
             logger.warning(f"loss={cfg.loss} is reference-free: reference.kind={cfg.reference.kind} is not loaded")
-        if cfg.precompute_reference:
-            logger.warning(f"loss={cfg.loss} is reference-free: precompute_reference has nothing to compute")
+        if cfg.reference.precompute:
+            logger.warning(f"loss={cfg.loss} is reference-free: reference.precompute has nothing to compute")
     reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=uses_reference(cfg))
-    world, rank = process_info(cfg.train)
-    batcher = StepBatcher([len(p) for p in train], cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
-                          cfg.train.group_by_length, world, rank)
-    engine = Engine(cfg.train, "dpo", cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume)
-    engine.extra_summary["data"] = stats.as_dict()
+    engine, batcher = make_engine(cfg, "dpo", policy, [len(p) for p in train], data, resume, EVAL_METRICS)
     engine.prepare_frozen(reference.model)  # the frozen copy: on the Engine's device, sharded under fsdp
     autocast = engine.accelerator.autocast
     pad = tok.pad_token_id
@@ -218,12 +203,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
     # pairs once when asked to precompute, else live in every step.
     ref_train, ref_held, cache_info, ref_kind = None, None, {}, reference.kind
     if uses_reference(cfg):
-        precompute = cfg.precompute_reference
-        common = dict(pad_id=pad, seq2seq=seq2seq, batch_size=cfg.eval_batch_size, device=engine.device,
+        precompute = cfg.reference.precompute
+        common = dict(pad_id=pad, seq2seq=seq2seq, batch_size=cfg.eval.batch_size, device=engine.device,
                       autocast=autocast)
         if precompute:
             common.update(
-                cache_dir=cfg.reference_cache_dir or default_cache_dir(),
+                cache_dir=cfg.reference.cache_dir or default_cache_dir(),
                 identity=reference_identity(reference, cfg.model, cfg.lora, cfg.reference,
                                             next(policy.parameters()).dtype,
                                             resolve_precision(cfg.train, engine.device.type), engine.device.type),
@@ -249,38 +234,28 @@ def run(cfg: Config, resume: bool = False) -> dict:
     def loss_fn(m, batch):
         return preference_loss(m, batch, cfg, reference)
 
-    def evaluate() -> Optional[float]:
+    def train_step(step_idx: list[list[int]]) -> dict:
+        return engine.step(loss_fn, [make_batch(idx) for idx in step_idx], [float(len(idx)) for idx in step_idx])
+
+    def evaluate() -> Optional[dict]:
         if not held:
             return None
-        pi, counts = policy_scores(engine.unwrapped(), pair_examples(held), pad, seq2seq, cfg.eval_batch_size, autocast)
+        pi, counts = policy_scores(engine.unwrapped(), pair_examples(held), pad, seq2seq, cfg.eval.batch_size, autocast)
         _, m = objective(cfg, pi, counts, ref_held)
-        engine.log({"eval/accuracy": m["rewards/accuracies"], "eval/margin": m["rewards/margins"], "eval/loss": m["loss"]})
-        return m["rewards/accuracies"]
-
-    start = engine.state.get("eval_accuracy_start")
-    if start is None:
-        start = evaluate()
-        engine.state["eval_accuracy_start"] = start
-    while not engine.done:
-        step_idx = batcher.step(engine.step_count)
-        metrics = engine.step(loss_fn, [make_batch(idx) for idx in step_idx], [float(len(idx)) for idx in step_idx])
-        engine.end_step(metrics)
-        if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
-            evaluate()
-    end = evaluate()
-    if start is not None and end is not None:
-        logger.info(f"dpo: held-out preference accuracy {start:.3f} -> {end:.3f}")
-    extra = {"sequences": 2 * engine.samples * engine.world_size,
-             "loss": cfg.loss, "beta": None if cfg.loss == "orpo" else resolved_beta(cfg),
-             "reference": ref_kind, "reference_precomputed": bool(cache_info),
-             "eval_accuracy_start": start, "eval_accuracy_end": end}
-    if cache_info:
-        extra["reference_cache"] = cache_info
+        return {"eval/accuracy": m["rewards/accuracies"], "eval/margin": m["rewards/margins"], "eval/loss": m["loss"]}
 
     def save(out):
         save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save,
                         state_dict=engine.saved_state("lm."))  # gathered weights under fsdp / ZeRO-3
 
+    start, end = train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
+    if start is not None and end is not None:
+        logger.info(f"dpo: held-out preference accuracy {start['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f}")
+    extra = {"sequences": 2 * engine.samples * engine.world_size,
+             "loss": cfg.loss, "beta": None if cfg.loss == "orpo" else resolved_beta(cfg),
+             "reference": ref_kind, "reference_precomputed": bool(cache_info)}
+    if cache_info:
+        extra["reference_cache"] = cache_info
     return engine.finish(save if cfg.train.save_model else None, extra)
 
 

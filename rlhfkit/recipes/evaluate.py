@@ -908,6 +908,8 @@ def summarize(m: dict, seconds: float) -> dict:
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
+    if resume:  # it keeps no checkpoint
+        raise UserError("eval keeps no checkpoint: --resume is not supported (run it again without it)")
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     stale = out_dir / "summary.json"

@@ -39,7 +39,7 @@ in the update passes; for REINFORCE++ the k1 of the sampling pass), ``clipfrac``
 ``lr``, ``time/generate``, ``time/reward``, ``time/reference`` (the no-grad passes),
 ``time/update``; update metrics are averaged over the iteration's updates. Held-out evaluation
 (greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl``) before training, every
-``train.eval_every`` iterations and at the end (``recipes/_online.py``).
+``eval.every`` iterations and at the end (``recipes/_online.py``).
 
 Deliberate deviations:
 - GRPO's KL term is the paper's k3 estimator but aggregated like the surrogate; the paper's outer
@@ -67,12 +67,12 @@ import torch
 from rlhfkit import losses
 from rlhfkit.config import (
     ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig, TrainConfig,
-    _check_choice, _check_positive,
+    EvalConfig, _check_choice, _check_positive, check_best_metric, check_live_reference,
 )
 from rlhfkit.data import StepBatcher
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, build_reference, save_pretrained
-from rlhfkit.recipes._online import HeldOutEval, online_prompts
+from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
 from rlhfkit.rollout import (MODEL_KEYS, Rollout, load_online_policy, make_experience, make_reward,
                              sample_max_new_tokens, take_rows)
 from rlhfkit.utils import logger, seed_everything
@@ -84,7 +84,8 @@ AGGREGATIONS = list(losses.AGGREGATIONS)
 @dataclass
 class Config:
     RENAMED: ClassVar[dict[str, str]] = {"beta": "kl_coef", "clip_epsilon": "clip_range",
-                                         "group_size": "samples_per_prompt"}
+                                         "group_size": "samples_per_prompt", "train.eval_every": "eval.every",
+                                         "eval_max_rows": "eval.max_rows"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (and, for full fine-tunes, the reference it starts from)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -130,10 +131,13 @@ class Config:
     """``token``: mean over all valid tokens of a minibatch (DAPO); ``sequence``: mean over each
     response's tokens, then over responses (the GRPO paper); ``dr_grpo``: token sum / (responses x
     the generation budget, the longest ``max_new_tokens``) (Dr. GRPO)."""
-    eval_max_rows: Optional[int] = 64
-    """Held-out prompts for the greedy-response evaluation (None: all)."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_rows=64))
+    """Greedy-response reward evaluation on held-out prompts: how often (``every``), how many prompts
+    (``max_rows``; None: all), and how many at a time (``batch_size``)."""
 
     def validate(self) -> None:
+        check_live_reference(self.reference, self.algorithm)
+        check_best_metric(self.train, self.algorithm, online_eval_metrics(self.rewards))
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
         _check_positive("prompts_per_step", self.prompts_per_step)
@@ -152,8 +156,6 @@ class Config:
         if self.train.grad_accum != 1:
             raise ConfigError("train.grad_accum must be 1 for grpo/rloo: a minibatch is one optimizer step, "
                               "accumulated over micro-batches of train.batch_size responses")
-        if self.eval_max_rows is not None and self.eval_max_rows < 0:
-            raise ConfigError(f"eval_max_rows must be >= 0, got {self.eval_max_rows}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     reward = make_reward(cfg.rewards, cfg.reward_bias, reward_fn, cfg.algorithm)
     seed_everything(cfg.train.seed)  # fresh LoRA weights too: the run does not depend on what ran before
     lm, tok = load_online_policy(cfg.model, cfg.lora, model, tokenizer)
-    items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval_max_rows)
+    items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval.max_rows)
     G = cfg.samples_per_prompt
     logger.info(f"{cfg.algorithm}: {len(items)} training prompts x {G} responses, {len(held)} held-out prompts")
     policy = PolicyModel(lm)
@@ -216,8 +218,11 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                     resume=resume, updates_per_step=updates)
     engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     engine.extra_summary["data"] = stats.as_dict()
+    def save(out):
+        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
+
     evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference if cfg.kl_coef > 0 else None,
-                             cfg.train.batch_size, cfg.train.eval_every)
+                             cfg.eval.batch_size, cfg.eval.every, save=save)
     gather = (lambda x: engine.accelerator.gather(x.to(engine.device)).cpu()) if engine.world_size > 1 else None
     max_tokens = max(cfg.generation.output_length_range or [cfg.generation.max_new_tokens])
     evaluation.start()
@@ -260,12 +265,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
             metrics["kl"] = float(losses.masked_mean(ro.old_logps - ro.ref_logps, ro.mask))
         metrics.update({"time/generate": ro.times["time/generate"], "time/reward": ro.times["time/reward"],
                         "time/reference": ro.times["time/no_grad"], "time/update": time.perf_counter() - t0})
-        engine.end_step(metrics, extra_seconds=sum(ro.times.values()))
-        evaluation.after_step()
+        engine.end_step(metrics, extra_seconds=sum(ro.times.values()), evaluate=evaluation.periodic)
     extra = evaluation.end(cfg.algorithm)
-
-    def save(out):
-        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
 
     summary = engine.finish(save if cfg.train.save_model else None, extra)
     summary["policy"] = engine.unwrapped().lm  # for Python callers (rlhfkit.train); not in summary.json

@@ -43,8 +43,10 @@ state before it), or ``prompt`` (or ``data.prompt_template``) + ``output``; plus
 ``reward``. Every name is mappable with ``data.columns``, e.g. ``{output: completion, reward: score}``.
 
 Steps: data -> tokenize -> for each optimizer step: micro-batches -> heads -> ILQL loss ->
-engine.step -> target sync; at the end, when ``eval_reward`` is set, decode held-out prompts at
-every ``eval_betas`` and score them.
+engine.step -> target sync. The held-out loss and its parts (``eval/loss``, ``eval/loss/q``, ...,
+``eval/advantage/mean``, the mean of min_i Q_target_i - V over the taken actions) are measured
+before training, every ``eval.every`` steps and at the end; then, when ``eval_reward`` is set,
+held-out prompts are decoded at every ``eval_betas`` and scored.
 
 Python: ``train_offline(model, samples, rewards, config=None, **overrides) -> model``.
 """
@@ -60,7 +62,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,26 +70,33 @@ from torch import nn
 
 from rlhfkit import losses
 from rlhfkit.config import (
-    DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, UserError, _check_choice,
-    from_dict, make_config, validate,
+    DataConfig, EvalConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, UserError,
+    check_best_metric, from_dict, make_config, validate,
 )
 from rlhfkit.data import (
-    DataStats, Example, StepBatcher, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
-    load_splits, parse_rows, require_text,
+    DataStats, Example, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
+    parse_rows, require_text,
 )
-from rlhfkit.engine import Engine, process_info, total_steps_for
+from rlhfkit.engine import Engine
 from rlhfkit.models import (
     PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, left_pad_positions,
     load_policy, save_pretrained, unwrap,
 )
+from rlhfkit.recipes._offline import OfflineData, load_data, make_engine, train_and_evaluate
 from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, keep_freed_memory, logger, seed_everything
 
 HEADS_FILE = "ilql_heads.safetensors"
 HEADS_CONFIG = "ilql_heads.json"
 
 
+ILQL_EVAL_METRICS = ["eval/loss", "eval/loss/q", "eval/loss/v", "eval/loss/cql", "eval/loss/awac", "eval/qvalues/mean",
+                     "eval/values/mean", "eval/advantage/mean"]
+BC_EVAL_METRICS = ["eval/loss"]
+
+
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"train.eval_every": "eval.every", "eval_max_prompts": "eval.max_rows"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (backbone) to train."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -97,7 +106,12 @@ class Config:
     map other column names with ``data.columns``."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     """Optimizer, schedule, steps and output."""
-    method: str = "ilql"
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_rows=64))
+    """Held-out evaluation: ``every`` N steps (and at the start and the end) the held-out loss and its
+    parts (``eval/loss``, ``eval/loss/q``, ..., ``eval/advantage/mean``; ``filtered_bc``: the NLL) on at
+    most ``max_rows`` held-out rows, ``batch_size`` rows per forward; at the end, with
+    ``eval_reward``, decoding for at most ``max_rows`` held-out prompts per beta."""
+    method: Literal["ilql", "filtered_bc"] = "ilql"
     """``ilql``, or ``filtered_bc``: fine-tune on the ``top_fraction`` best samples with the SFT loss."""
     gamma: float = 0.99
     """Discount of the TD target r + gamma V(s')."""
@@ -112,7 +126,7 @@ class Config:
     cloning, trlX's setting)."""
     two_qs: bool = True
     """Two Q heads, the minimum of their targets used for V and decoding (clipped double Q)."""
-    heads: str = "linear"
+    heads: Literal["linear", "mlp"] = "linear"
     """Head shape: ``linear`` (hidden -> vocab, hidden -> 1) or ``mlp`` (trlX's hidden -> 2 hidden ->
     ReLU -> out)."""
     tau_target: float = 0.05
@@ -136,12 +150,9 @@ class Config:
     decoding evaluation."""
     eval_betas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0])
     """``ilql``: the advantage scales evaluated (``filtered_bc`` decodes the plain policy only)."""
-    eval_max_prompts: int = 64
-    """Decode for at most this many held-out prompts per beta."""
 
     def validate(self) -> None:
-        _check_choice("method", self.method, ["ilql", "filtered_bc"])
-        _check_choice("heads", self.heads, ["linear", "mlp"])
+        check_best_metric(self.train, f"ilql (method={self.method})", eval_metrics(self))
         if not 0.0 <= self.gamma <= 1.0:
             raise UserError(f"gamma must be in [0, 1], got {self.gamma}")
         if not 0.0 < self.tau < 1.0:
@@ -154,8 +165,11 @@ class Config:
             raise UserError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.cql_weight < 0 or self.awac_weight < 0:
             raise UserError("cql_weight and awac_weight must be >= 0")
-        if self.eval_max_prompts < 1:
-            raise UserError(f"eval_max_prompts must be >= 1, got {self.eval_max_prompts}")
+
+
+def eval_metrics(cfg: Config) -> list[str]:
+    """The metrics each held-out evaluation of ``cfg.method`` logs."""
+    return ILQL_EVAL_METRICS if cfg.method == "ilql" else BC_EVAL_METRICS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,17 +593,53 @@ def run(cfg: Config, resume: bool = False) -> dict:
     """``rlhfkit ilql``: train on the configured data; returns the summary."""
     seed_everything(cfg.train.seed)  # LoRA and head initialisation happen before the Engine seeds
     model, tok = load_policy(cfg.model, cfg.lora)
-    train_table, held_table = load_splits(cfg.data)
-    stats, held_stats = DataStats(), DataStats()
-    samples = offline_samples(train_table, cfg.data, tok, stats)
-    held = offline_samples(held_table, cfg.data, tok, held_stats) if held_table else []
-    return train_samples(cfg, model, tok, samples, held, stats, resume)[0]
+    data = load_data(cfg, lambda table, stats: offline_samples(table, cfg.data, tok, stats))
+    return train_samples(cfg, model, tok, data.train, data.held, data.stats, resume, held_scored=True)[0]
+
+
+@torch.no_grad()
+def heldout_metrics(model: nn.Module, examples: list[ScoredExample], cfg: Config, pad_id: int, seq2seq: bool,
+                    device: torch.device) -> dict[str, float]:
+    """The training loss and its parts on held-out rows, in eval mode, weighted by completion tokens
+    (``eval/loss``, ``eval/loss/q``, ...), and the mean advantage min_i Q_target_i(s, a) - V(s) of
+    the taken actions (``eval/advantage/mean``); ``filtered_bc``: the NLL (``eval/loss``)."""
+    from rlhfkit.recipes.sft import nll_loss
+
+    was = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    total = 0.0
+    for s in range(0, len(examples), cfg.eval.batch_size):
+        batch = {k: v.to(device) for k, v in
+                 collate_scored(examples[s: s + cfg.eval.batch_size], pad_id, seq2seq).items()}
+        n = float((batch["labels"] != -100).sum())  # completion tokens
+        if isinstance(model, ILQLModel):
+            out = model(**batch)
+            rewards = terminal_rewards(batch["rewards"], out["mask"])  # (B, T)
+            loss, metrics = losses.ilql_loss(out["logits"], out["q"], out["target_q"], out["values"], out["actions"],
+                                             rewards, out["mask"], gamma=cfg.gamma, tau=cfg.tau, alpha=cfg.cql_weight,
+                                             awac_weight=cfg.awac_weight, awac_beta=cfg.awac_beta,
+                                             q_taken=out["q_taken"])
+            target = torch.stack(out["target_q"]).min(0).values  # (B, T)
+            metrics = {k: v for k, v in metrics.items() if f"eval/{k}" in ILQL_EVAL_METRICS}
+            metrics["advantage/mean"] = float(losses.masked_mean(target - out["values"], out["mask"]))
+        else:
+            batch = {k: v for k, v in batch.items() if k != "rewards"}
+            loss, metrics = nll_loss(model, batch)
+        for k, v in {"loss": float(loss), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        total += n
+    model.train(was)
+    return {f"eval/{k}": v / max(total, 1.0) for k, v in sums.items()}
 
 
 def train_samples(cfg: Config, model: nn.Module, tok, samples: list[Sample], held: list[Sample],
-                  stats: Optional[DataStats] = None, resume: bool = False) -> tuple[dict, nn.Module]:
+                  stats: Optional[DataStats] = None, resume: bool = False,
+                  held_scored: bool = False) -> tuple[dict, nn.Module]:
     """Train ``model`` (a loaded HF or peft model) on ``samples``; returns (summary, trained model:
-    an ``ILQLModel`` for ``ilql``, the ``PolicyModel`` for ``filtered_bc``)."""
+    an ``ILQLModel`` for ``ilql``, the ``PolicyModel`` for ``filtered_bc``). ``held_scored``: the
+    held-out samples carry rewards, so the held-out loss is measured (else they only give prompts to
+    the end-of-run decoding)."""
     stats = stats or DataStats(rows=len(samples))
     keep_freed_memory()
     fuse_gelu(model)
@@ -599,8 +649,10 @@ def train_samples(cfg: Config, model: nn.Module, tok, samples: list[Sample], hel
     if not samples:
         raise UserError(f"{cfg.data.path or 'samples'}: no training rows")
     examples = tokenize_samples(samples, tok, cfg.data, cfg.model.max_length, seq2seq, stats)
+    held_examples = tokenize_samples(held[: cfg.eval.max_rows], tok, cfg.data, cfg.model.max_length, seq2seq,
+                                     DataStats()) if held_scored and held else []
     raw = torch.tensor([e.reward for e in examples], dtype=torch.float64)
-    extra: dict[str, Any] = {"method": cfg.method, "data": stats.as_dict(), "behaviour_reward_mean": float(raw.mean()),
+    extra: dict[str, Any] = {"method": cfg.method, "behaviour_reward_mean": float(raw.mean()),
                              "behaviour_reward_std": float(raw.std()) if len(raw) > 1 else 0.0}
 
     if cfg.method == "filtered_bc":
@@ -618,6 +670,7 @@ def train_samples(cfg: Config, model: nn.Module, tok, samples: list[Sample], hel
             mean, std = float(raw.mean()), float(raw.std()) if len(raw) > 1 else 1.0
             std = std if std > 1e-8 else 1.0
             examples = [dataclasses.replace(e, reward=(e.reward - mean) / std) for e in examples]
+            held_examples = [dataclasses.replace(e, reward=(e.reward - mean) / std) for e in held_examples]
             extra["reward_normalization"] = {"mean": mean, "std": std}
         seed_everything(cfg.train.seed)
         policy = ILQLModel(model, two_qs=cfg.two_qs, kind=cfg.heads, tokenizer=tok, generation=cfg.generation,
@@ -626,47 +679,51 @@ def train_samples(cfg: Config, model: nn.Module, tok, samples: list[Sample], hel
         def loss_fn(m, batch):
             return ilql_batch_loss(m, batch, cfg)
 
-    world, rank = process_info(cfg.train)
-    batcher = StepBatcher([len(e) for e in examples], cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
-                          cfg.train.group_by_length, world, rank)
-    engine_cls = _ILQLEngine if cfg.method == "ilql" else Engine
-    engine = engine_cls(cfg.train, "ilql", cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch),
-                        resume=resume)
-    logger.info(f"ilql: method {cfg.method}, {len(examples)} training rows, behaviour reward mean "
-                f"{extra['behaviour_reward_mean']:.4g}")
+    data = OfflineData(examples, held_examples, stats)
+    engine, batcher = make_engine(cfg, "ilql", policy, [len(e) for e in examples], data, resume, eval_metrics(cfg),
+                                  engine_cls=_ILQLEngine if cfg.method == "ilql" else Engine)
+    logger.info(f"ilql: method {cfg.method}, {len(examples)} training rows, {len(held_examples)} held-out rows, "
+                f"behaviour reward mean {extra['behaviour_reward_mean']:.4g}")
 
-    while not engine.done:
-        micro = [collate_scored([examples[i] for i in idx], tok.pad_token_id, seq2seq)
-                 for idx in batcher.step(engine.step_count)]
+    def train_step(step_idx: list[list[int]]) -> dict:
+        micro = [collate_scored([examples[i] for i in idx], tok.pad_token_id, seq2seq) for idx in step_idx]
         weights = [float((mb["labels"] != -100).sum()) for mb in micro]  # completion tokens
         metrics = engine.step(loss_fn, micro, weights)
         if cfg.method == "ilql" and (engine.step_count + 1) % cfg.sync_every == 0:
             engine.unwrapped().heads.sync_target(cfg.tau_target)
-        engine.end_step(metrics)
+        return metrics
 
-    trained = engine.unwrapped()
-    if cfg.eval_reward:
-        extra["eval_reward"] = evaluate(trained, tok, cfg, held or samples, engine)
+    def evaluate() -> Optional[dict]:
+        if not held_examples:
+            return None
+        return heldout_metrics(engine.unwrapped(), held_examples, cfg, tok.pad_token_id, seq2seq, engine.device)
 
     def save(out: Path) -> None:
+        trained = engine.unwrapped()
         if isinstance(trained, ILQLModel):
             trained.save_pretrained(out, tok, merge=cfg.lora.merge_on_save)
         else:
             save_pretrained(trained.lm, tok, out, merge=cfg.lora.merge_on_save)
 
+    train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
+    trained = engine.unwrapped()
+    if cfg.eval_reward:
+        extra["eval_reward"] = evaluate_decoding(trained, tok, cfg, held or samples, engine)
     summary = engine.finish(save if cfg.train.save_model else None, extra)
     return summary, trained
 
 
-def evaluate(model: nn.Module, tok, cfg: Config, samples: list[Sample], engine: Optional[Engine] = None) -> dict:
-    """Mean ``eval_reward`` of completions decoded for up to ``eval_max_prompts`` distinct prompts, per
+def evaluate_decoding(model: nn.Module, tok, cfg: Config, samples: list[Sample],
+                      engine: Optional[Engine] = None) -> dict:
+    """Mean ``eval_reward`` of completions decoded for up to ``eval.max_rows`` distinct prompts, per
     beta (``filtered_bc``: the plain policy). Writes ``eval_samples.jsonl`` into the output folder."""
     from rlhfkit.rewards import build_reward
 
     reward = build_reward(cfg.eval_reward)
-    prompts = list(dict.fromkeys(s.prompt for s in samples))[: cfg.eval_max_prompts]
-    if len(prompts) == 1:  # one shared prompt (or text rows): sample it eval_max_prompts times
-        prompts = prompts * cfg.eval_max_prompts
+    n = cfg.eval.max_rows if cfg.eval.max_rows is not None else len(samples)
+    prompts = list(dict.fromkeys(s.prompt for s in samples))[:n]
+    if len(prompts) == 1:  # one shared prompt (or text rows): sample it eval.max_rows times
+        prompts = prompts * n
     betas = cfg.eval_betas if isinstance(model, ILQLModel) else [0.0]
     results, rows = {}, []
     t0 = time.perf_counter()
@@ -744,7 +801,7 @@ def _as_sample(s: Union[str, tuple[str, str]], reward: float, i: int) -> Sample:
 
 
 __all__ = [
-    "Config", "run", "train_offline", "train_samples", "evaluate", "ILQLModel", "ILQLHeads", "QHeads",
+    "Config", "run", "train_offline", "train_samples", "evaluate_decoding", "heldout_metrics", "ILQLModel", "ILQLHeads", "QHeads",
     "AdvantageShiftedLM", "load_ilql", "decode", "prompt_ids", "ilql_batch_loss", "terminal_rewards", "top_samples",
     "offline_samples", "keep_freed_memory", "disable_dropout", "fuse_gelu",
     "tokenize_samples", "collate_scored", "Sample",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from rlhfkit.config import ConfigError, DataConfig, UserError, save_config
 from rlhfkit.feedback import JudgeConfig, PairwiseJudge, PointwiseJudge, label_pairs
@@ -25,12 +26,16 @@ from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger
 
 @dataclass
 class Config:
+    UNUSED: ClassVar[tuple[str, ...]] = (
+        "data.eval_path", "data.eval_split", "data.eval_fraction", "data.shuffle_seed", "data.chat_template",
+        "data.system_prompt", "data.max_prompt_length", "data.max_completion_length", "data.overlong",
+        "data.drop_invalid")
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """The judge: ``judge.model`` (required), templates, choices / labels."""
     data: DataConfig = field(default_factory=DataConfig)
     """Rows to judge: ``prompt`` (or ``prompt_template``) and ``completion_a``/``completion_b``, or
     ``chosen``/``rejected`` (pairwise), or ``completion`` (pointwise); ``data.columns`` maps names."""
-    mode: str = "pairwise"
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
     """``pairwise`` (preference rows) or ``pointwise`` (a score per completion)."""
     min_confidence: float = 0.5
     """Pairwise: write a row only when max(p, 1 - p) >= this (0.5 keeps every non-identical pair)."""
@@ -42,8 +47,6 @@ class Config:
     """Run on the CPU even when a GPU is present."""
 
     def validate(self) -> None:
-        if self.mode not in ("pairwise", "pointwise"):
-            raise ConfigError(f"mode must be 'pairwise' or 'pointwise', got '{self.mode}'")
         if not 0.5 <= self.min_confidence <= 1.0:
             raise ConfigError(f"min_confidence must be in [0.5, 1], got {self.min_confidence}")
         if self.judge.model is None:
@@ -62,14 +65,16 @@ def _pair_columns(table, cfg: DataConfig) -> tuple[str, str]:
 
 def run(cfg: Config, resume: bool = False, judge=None) -> dict:
     """Judge the rows of ``cfg.data``. Python callers may pass a ready ``PairwiseJudge`` /
-    ``PointwiseJudge`` as ``judge``."""
-    from rlhfkit.data import read_table, require_text, user_prompt
+    ``PointwiseJudge`` as ``judge``. It keeps no checkpoint: ``resume`` is refused."""
+    if resume:
+        raise UserError("judge keeps no checkpoint: --resume is not supported (run it again without it)")
+    from rlhfkit.data import read_table, require_text, select, user_prompt
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     out = Path(cfg.output) if Path(cfg.output).is_absolute() else out_dir / cfg.output
-    table = read_table(cfg.data.path, cfg.data.split, cfg.data.subset)
+    table = select(read_table(cfg.data.path, cfg.data.split, cfg.data.subset), cfg.data.where)
     if cfg.data.max_rows is not None:
         table.rows = table.rows[: cfg.data.max_rows]
     prompts = [user_prompt(table, i, cfg.data) for i in range(len(table.rows))]

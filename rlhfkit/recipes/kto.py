@@ -24,13 +24,13 @@ Deliberate choices:
 - The mismatched partner j of each row is fixed once per run (the next row in a seeded shuffle
   of the training rows whose prompt differs, cyclically), as TRL fixes its KL pairs when it
   preprocesses the data. So the reference log-probs of the KL pairs can be precomputed and
-  cached like the others (``precompute_reference``). The policy's KL log-probs are taken with
+  cached like the others (``reference.precompute``). The policy's KL log-probs are taken with
   the policy in training mode under ``no_grad``. A live reference scores the rows and their KL
   pairs in one forward (row b and KL pair b share row b's prompt, which is then computed once).
 - The paper recommends w_d n_d / (w_u n_u) in [1, 4/3]; outside that range a warning is logged,
   nothing is changed.
-- Held-out accuracy (``eval/accuracy``, ``eval_accuracy_start/_end``): the fraction of held-out
-  rows whose implicit reward beta * r has the sign of its label (desirable > 0, undesirable < 0;
+- Held-out accuracy (``eval/accuracy``; ``eval_start`` / ``eval_end`` in summary.json): the
+  fraction of held-out rows whose implicit reward beta * r has the sign of its label (desirable > 0, undesirable < 0;
   0 counts as wrong, so a policy equal to its reference starts at 0). When held-out rows share a
   prompt with both labels (always so for unpaired paired files), ``eval/pair_accuracy`` is the
   fraction of (desirable, undesirable) pairs with the same prompt whose reward margin is > 0, the
@@ -43,15 +43,17 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from rlhfkit import losses
-from rlhfkit.config import ConfigError, DataConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig, UserError
-from rlhfkit.data import (DataStats, Example, StepBatcher, Table, collate, encode_completion, encode_prompt,
-                          fit_lengths, load_splits, parse_rows, preference_examples, sft_examples)
-from rlhfkit.engine import Engine, process_info, resolve_precision, total_steps_for
+from rlhfkit.config import (ConfigError, DataConfig, EvalConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig,
+                            UserError, check_best_metric)
+from rlhfkit.data import (DataStats, Example, Table, collate, encode_completion, encode_prompt, fit_lengths, parse_rows,
+                          preference_examples, sft_examples)
+from rlhfkit.engine import resolve_precision
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
 from rlhfkit.recipes._preference import (concat_batches, default_cache_dir, model_inputs, policy_scores,
                                          precompute_reference, reference_identity, reference_sums, release_reference,
@@ -62,46 +64,44 @@ TRUE = ("true", "1", "yes")
 FALSE = ("false", "0", "no")
 
 
+EVAL_METRICS = ["eval/accuracy", "eval/pair_accuracy", "eval/rewards_desirable", "eval/rewards_undesirable"]
+
+
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {
+        "train.eval_every": "eval.every", "eval_batch_size": "eval.batch_size", "eval_max_rows": "eval.max_rows",
+        "precompute_reference": "reference.precompute", "reference_cache_dir": "reference.cache_dir"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (usually the SFT model)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters (off: full fine-tune)."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    """The frozen reference policy (KTO always needs one)."""
+    """The frozen reference policy (KTO always needs one), and whether its log-probs are
+    precomputed once (``reference.precompute``, ``reference.cache_dir``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Unpaired rows ``prompt, completion, label`` (or ``prompt_template``/chat ``messages`` with a
     ``label``), or paired ``prompt/chosen/rejected`` rows, which are split into two rows each."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimizer, schedule, steps and output."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out accuracy: how often, sequences per forward (also of the reference
+    precomputation), how many rows."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward beta * log(pi / ref)."""
     desirable_weight: float = 1.0
     """w_d: weight of the desirable rows' loss."""
     undesirable_weight: float = 1.0
     """w_u: weight of the undesirable rows' loss (the paper suggests w_d n_d / (w_u n_u) in [1, 4/3])."""
-    precompute_reference: bool = False
-    """Compute the reference log-probs of all rows and KL pairs once before training (one no-grad
-    pass), cache them on disk and free the reference; a later run with the same reference, data and
-    lengths reuses the cache."""
-    reference_cache_dir: Optional[str] = None
-    """Folder of the precomputed reference log-probs; None: ``$RLHFKIT_CACHE/reference_logps``
-    (``~/.cache/rlhfkit/reference_logps``)."""
-    eval_batch_size: int = 16
-    """Sequences per forward when measuring held-out accuracy or precomputing reference log-probs."""
-    eval_max_rows: Optional[int] = None
-    """Measure held-out accuracy on at most this many rows."""
 
     def validate(self) -> None:
+        check_best_metric(self.train, "kto", EVAL_METRICS)
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ConfigError("desirable_weight and undesirable_weight must be > 0")
         if self.reference.kind == "none":
             raise ConfigError("KTO needs a reference policy; reference.kind=none is not possible")
-        if self.eval_batch_size <= 0:
-            raise ConfigError(f"eval_batch_size must be > 0, got {self.eval_batch_size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,15 +252,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
     seed_everything(cfg.train.seed)  # before the fresh LoRA weights are drawn: the run is reproducible
     model, tok = load_policy(cfg.model, cfg.lora)
     seq2seq = bool(model.config.is_encoder_decoder)
-    train_table, held_table = load_splits(cfg.data)
-    stats = DataStats()
-    train, train_labels = tokenize_rows(unpaired_examples(train_table, cfg.data, tok, stats), tok, cfg.data,
-                                        cfg.model.max_length, seq2seq, stats)
-    held_stats = DataStats()
-    held, held_labels = tokenize_rows(unpaired_examples(held_table, cfg.data, tok, held_stats), tok, cfg.data,
-                                      cfg.model.max_length, seq2seq, held_stats) if held_table else ([], [])
-    if cfg.eval_max_rows is not None:
-        held, held_labels = held[: cfg.eval_max_rows], held_labels[: cfg.eval_max_rows]
+    data = load_data(cfg, lambda table, stats: list(zip(*tokenize_rows(
+        unpaired_examples(table, cfg.data, tok, stats), tok, cfg.data, cfg.model.max_length, seq2seq, stats))))
+    train, train_labels = [e for e, _ in data.train], [lab for _, lab in data.train]
+    held, held_labels = [e for e, _ in data.held], [lab for _, lab in data.held]
     kl_train = kl_examples(train, kl_partners(train, cfg.train.seed), cfg.data, cfg.model.max_length, seq2seq)
     n_good = sum(train_labels)
     n_bad = len(train_labels) - n_good
@@ -273,22 +268,18 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     policy = PolicyModel(model)
     reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy)
-    world, rank = process_info(cfg.train)
-    batcher = StepBatcher([len(e) for e in train], cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
-                          cfg.train.group_by_length, world, rank)
-    engine = Engine(cfg.train, "kto", cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume)
-    engine.extra_summary["data"] = stats.as_dict()
+    engine, batcher = make_engine(cfg, "kto", policy, [len(e) for e in train], data, resume, EVAL_METRICS)
     engine.prepare_frozen(reference.model)  # the frozen copy: on the Engine's device, sharded under fsdp
     autocast = engine.accelerator.autocast
     pad = tok.pad_token_id
     ref_kind = reference.kind
 
     # Reference log-probs: held-out rows always once; training rows and KL pairs once when asked.
-    common = dict(pad_id=pad, seq2seq=seq2seq, batch_size=cfg.eval_batch_size, device=engine.device, autocast=autocast)
+    common = dict(pad_id=pad, seq2seq=seq2seq, batch_size=cfg.eval.batch_size, device=engine.device, autocast=autocast)
     ref_train, cache_info = None, {}
-    if cfg.precompute_reference:
+    if cfg.reference.precompute:
         common.update(
-            cache_dir=cfg.reference_cache_dir or default_cache_dir(),
+            cache_dir=cfg.reference.cache_dir or default_cache_dir(),
             identity=reference_identity(reference, cfg.model, cfg.lora, cfg.reference, next(policy.parameters()).dtype,
                                         resolve_precision(cfg.train, engine.device.type), engine.device.type),
             lengths={"max_length": cfg.model.max_length, "max_prompt_length": cfg.data.max_prompt_length,
@@ -297,9 +288,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
     ref_held = None
     if held:
         ref_held, info = precompute_reference(reference, held, what="kto-heldout", **common)
-        if cfg.precompute_reference:
+        if cfg.reference.precompute:
             cache_info["heldout"] = info
-    if cfg.precompute_reference:
+    if cfg.reference.precompute:
         release_reference(reference)
 
     def make_batch(idx: list[int]) -> dict:
@@ -317,41 +308,29 @@ def run(cfg: Config, resume: bool = False) -> dict:
     def loss_fn(m, batch):
         return kto_loss(m, batch, cfg, reference, reduce_kl)
 
+    def train_step(step_idx: list[list[int]]) -> dict:
+        return engine.step(loss_fn, [make_batch(idx) for idx in step_idx])
+
     labels_held = torch.tensor(held_labels)
 
     def evaluate() -> Optional[dict]:
         if not held:
             return None
-        pi, _ = policy_scores(engine.unwrapped(), held, pad, seq2seq, cfg.eval_batch_size, autocast)
-        metrics = heldout_metrics(cfg.beta * (pi - ref_held), labels_held, held)
-        engine.log(metrics)
-        return metrics
-
-    start = engine.state.get("eval_start")
-    if start is None:
-        start = evaluate()
-        engine.state["eval_start"] = start
-    while not engine.done:
-        metrics = engine.step(loss_fn, [make_batch(idx) for idx in batcher.step(engine.step_count)])
-        engine.end_step(metrics)
-        if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
-            evaluate()
-    end = evaluate()
-    extra = {"beta": cfg.beta, "reference": ref_kind, "reference_precomputed": bool(cache_info),
-             "eval_accuracy_start": start and start["eval/accuracy"], "eval_accuracy_end": end and end["eval/accuracy"]}
-    if start and "eval/pair_accuracy" in start:
-        extra["eval_pair_accuracy_start"] = start["eval/pair_accuracy"]
-        extra["eval_pair_accuracy_end"] = end["eval/pair_accuracy"]
-        logger.info(f"kto: held-out pair accuracy {start['eval/pair_accuracy']:.3f} -> {end['eval/pair_accuracy']:.3f}")
-    if start:
-        logger.info(f"kto: held-out sign accuracy {start['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f}")
-    if cache_info:
-        extra["reference_cache"] = cache_info
+        pi, _ = policy_scores(engine.unwrapped(), held, pad, seq2seq, cfg.eval.batch_size, autocast)
+        return heldout_metrics(cfg.beta * (pi - ref_held), labels_held, held)
 
     def save(out):
         save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save,
                         state_dict=engine.saved_state("lm."))  # gathered weights under fsdp / ZeRO-3
 
+    start, end = train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
+    if start and "eval/pair_accuracy" in start:
+        logger.info(f"kto: held-out pair accuracy {start['eval/pair_accuracy']:.3f} -> {end['eval/pair_accuracy']:.3f}")
+    if start:
+        logger.info(f"kto: held-out sign accuracy {start['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f}")
+    extra = {"beta": cfg.beta, "reference": ref_kind, "reference_precomputed": bool(cache_info)}
+    if cache_info:
+        extra["reference_cache"] = cache_info
     return engine.finish(save if cfg.train.save_model else None, extra)
 
 

@@ -25,7 +25,7 @@ One iteration (one logged step):
    (seed, iteration), so a resumed run draws what the uninterrupted run drew.
 
 Held-out evaluation (greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl``) runs before
-training, every ``train.eval_every`` iterations and at the end (``recipes/_online.py``).
+training, every ``eval.every`` iterations and at the end (``recipes/_online.py``).
 
 The value head sits on the policy's backbone (``value_model`` unset) or on a separate critic
 model. The reference is the LoRA base with the adapter disabled (no second copy), a frozen copy,
@@ -50,11 +50,11 @@ from torch import nn
 
 from rlhfkit import losses
 from rlhfkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig,
-                            TrainConfig, UserError)
+                            EvalConfig, TrainConfig, UserError, check_best_metric, check_live_reference)
 from rlhfkit.data import StepBatcher
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, save_pretrained
-from rlhfkit.recipes._online import HeldOutEval, online_prompts
+from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
 from rlhfkit.rollout import (MODEL_KEYS, load_online_policy, make_experience, make_reward, reward_columns,
                              sample_max_new_tokens, take_rows)
 from rlhfkit.utils import logger, seed_everything
@@ -63,7 +63,8 @@ from rlhfkit.utils import logger, seed_everything
 @dataclass
 class Config:
     RENAMED: ClassVar[dict[str, str]] = {"cliprange": "clip_range", "cliprange_value": "value_clip_range",
-                                         "target_kl": "early_stop_kl", "eval_prompts": "eval_max_rows"}
+                                         "target_kl": "early_stop_kl", "eval_prompts": "eval.max_rows",
+                                         "train.eval_every": "eval.every"}
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -133,11 +134,13 @@ class Config:
     response's score."""
     value_model: Optional[str] = None
     """Separate critic (model name or path) with its own value head; unset: a value head on the policy."""
-    eval_max_rows: Optional[int] = 32
-    """Held-out prompts scored with greedy decoding at the start, every ``train.eval_every``
-    iterations and at the end (None: all)."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_rows=32, batch_size=8))
+    """Held-out prompts scored with greedy decoding at the start, every ``every`` iterations and at the
+    end: at most ``max_rows`` of them (None: all), ``batch_size`` at a time; logged as ``eval/reward``,
+    ``eval/reward/<part>`` and ``eval/kl``."""
 
     def validate(self) -> None:
+        check_live_reference(self.reference, "ppo")
         for key in ("rollout_batch_size", "ppo_epochs", "samples_per_prompt"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -157,8 +160,7 @@ class Config:
             raise UserError(f"kl_estimator must be one of k1, abs, mse, k3, got '{self.kl_estimator}'")
         if not self.rewards:
             raise UserError("rewards is empty: give at least one reward function")
-        if self.eval_max_rows is not None and self.eval_max_rows < 0:
-            raise UserError(f"eval_max_rows must be >= 0, got {self.eval_max_rows}")
+        check_best_metric(self.train, "ppo", online_eval_metrics(self.rewards))
 
 
 class ActorCritic(nn.Module):
@@ -275,7 +277,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         critic = PolicyModel(disable_dropout(critic_lm), value_head=True)
     reference = build_reference(cfg.reference, cfg.model, cfg.lora, policy, needed=True,
                                 start_model=model)
-    items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval_max_rows)
+    items, held, stats = online_prompts(cfg.data, cfg.model, cfg.generation, tok, lm, prompts, cfg.eval.max_rows)
     seq2seq = policy.is_seq2seq
 
     # ---- engine -----------------------------------------------------------------------------------
@@ -295,8 +297,11 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     moments = RunningMoments(state["moments"])
     logger.info(f"ppo: {len(items)} prompts, {len(held)} held-out; reference: {reference.kind}; "
                 f"value: {'separate critic ' + cfg.value_model if critic else 'head on the policy'}")
-    evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference, cfg.train.batch_size,
-                             cfg.train.eval_every)
+    def save(out):
+        save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save)
+
+    evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference, cfg.eval.batch_size,
+                             cfg.eval.every, save=save)
     evaluation.start()
 
     ac: ActorCritic = engine.unwrapped()
@@ -381,13 +386,10 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
             "time/reference_value": ro.times["time/no_grad"], "time/update": t_upd - t_adv,
         })
         # engine.step timed the updates; add generation, scoring and the no-grad passes
-        engine.end_step(metrics, extra_seconds=sum(ro.times.values()) + t_adv - t0)
-        evaluation.after_step()
+        engine.end_step(metrics, extra_seconds=sum(ro.times.values()) + t_adv - t0,
+                        evaluate=evaluation.periodic)
 
     extra = {**evaluation.end("ppo"), "reference": reference.kind, "kl_coef_final": kl_ctl.value}
-
-    def save(out):
-        save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save)
 
     summary = engine.finish(save if cfg.train.save_model else None, extra)
     summary["policy"] = engine.unwrapped().policy.lm

@@ -2,7 +2,7 @@
 best as ``chosen`` and the worst as ``rejected`` (rejection sampling for preference pairs, as in
 best-of-N / RAFT-style pipelines and the DPO recipe of the design brief).
 
-One round, for a batch of prompts (``generation.batch_size // num_samples`` of them):
+One round, for a batch of prompts (``generation.batch_size // samples_per_prompt`` of them):
 1. sample: every prompt is repeated N times and sampled in one ``generate`` call per temperature
    (sample k of a prompt uses ``temperatures[k % len(temperatures)]``);
 2. score: ``mode: sample`` scores every response with the composite reward
@@ -43,7 +43,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, UserError
 from rlhfkit.config import save_config
@@ -55,7 +55,6 @@ SampleFn = Callable[[list[str], float], list[str]]
 Scorer = Callable[[list[str], list[str], dict, int], tuple[list[float], dict[str, list[float]]]]
 """``scorer(prompts, completions, columns, n) -> (totals, parts)``; rows come in groups of n per prompt."""
 
-FORMATS = ("jsonl", "parquet", "datasets")
 
 
 @dataclass
@@ -87,6 +86,10 @@ class ChecksConfig:
 
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"num_samples": "samples_per_prompt"}
+    UNUSED: ClassVar[tuple[str, ...]] = (
+        "data.eval_path", "data.eval_split", "data.eval_fraction", "data.shuffle_seed", "data.max_prompt_length",
+        "data.max_completion_length", "data.overlong", "data.drop_invalid")
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy that writes the responses."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -96,13 +99,13 @@ class Config:
     ``where`` e.g. ``{split: train}``, ``max_rows``); the other columns go to the rewards and checks."""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64, batch_size=16))
     """Sampling; ``generation.batch_size`` counts sequences, so a round takes
-    ``batch_size // num_samples`` prompts."""
-    num_samples: int = 4
+    ``batch_size // samples_per_prompt`` prompts."""
+    samples_per_prompt: int = 4
     """N: responses sampled per prompt and round."""
     temperatures: list[float] = field(default_factory=list)
     """Sampling temperatures cycled over the N samples (sample k uses ``temperatures[k % len]``);
     empty: ``generation.temperature``."""
-    mode: str = "sample"
+    mode: Literal["sample", "judge"] = "sample"
     """``sample``: score with the composite reward ``rewards``; ``judge`` (RLAIF): rank the samples of a
     prompt with the pairwise LLM judge ``judge`` (N >= 2)."""
     rewards: list[RewardConfig] = field(default_factory=list)
@@ -127,7 +130,7 @@ class Config:
     output: str = "prefs.jsonl"
     """Output file (relative paths are inside ``output_dir``): ``.jsonl``, ``.parquet``, or a folder
     name for a ``datasets.save_to_disk`` dataset."""
-    format: str = "auto"
+    format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
     """``auto`` (by the suffix of ``output``: .jsonl, .parquet, anything else a datasets folder),
     ``jsonl``, ``parquet`` or ``datasets``."""
     keep_columns: bool = True
@@ -142,24 +145,20 @@ class Config:
     """Run on the CPU even when a GPU is present."""
 
     def validate(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.num_samples > 1 and not self.generation.do_sample:
-            raise ConfigError("num_samples > 1 needs generation.do_sample=true (greedy decoding repeats one response)")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.samples_per_prompt > 1 and not self.generation.do_sample:
+            raise ConfigError("samples_per_prompt > 1 needs generation.do_sample=true (greedy decoding repeats one response)")
         if any(t <= 0 for t in self.temperatures):
             raise ConfigError(f"temperatures must all be > 0, got {self.temperatures}")
-        if self.mode not in ("sample", "judge"):
-            raise ConfigError(f"mode must be 'sample' or 'judge', got '{self.mode}'")
-        if self.mode == "judge" and self.num_samples < 2:
-            raise ConfigError("mode=judge compares samples: num_samples must be >= 2")
+        if self.mode == "judge" and self.samples_per_prompt < 2:
+            raise ConfigError("mode=judge compares samples: samples_per_prompt must be >= 2")
         if self.mode == "sample" and not self.rewards:
             raise ConfigError("mode=sample needs 'rewards' (a list of reward functions)")
         if self.min_gap < 0:
             raise ConfigError(f"min_gap must be >= 0, got {self.min_gap}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.format not in ("auto",) + FORMATS:
-            raise ConfigError(f"format must be one of auto, {', '.join(FORMATS)}; got '{self.format}'")
         if not self.output:
             raise ConfigError("output is empty")
 
@@ -540,7 +539,7 @@ def run(cfg: Config, resume: bool = False, sample_fn: Optional[SampleFn] = None,
         scorer = reward_scorer(reward_fn)
     checker = Checker(cfg.checks)
     temps = cfg.temperatures or [cfg.generation.temperature]
-    n = cfg.num_samples
+    n = cfg.samples_per_prompt
     per_round = max(1, cfg.generation.batch_size // n)
     col_names = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("prompts", "completions")]
     prompt_col = cfg.data.columns.get("prompt", "prompt") if cfg.data.prompt_template is None else None

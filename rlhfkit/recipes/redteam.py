@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
-from rlhfkit.config import ConfigError, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, save_config
+from rlhfkit.config import ConfigError, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, UserError, save_config
 from rlhfkit.feedback import RED_INSTRUCTION, ChatFn, ChatGenerator, load_lm, red_team
 from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger
 
@@ -40,7 +40,7 @@ class Config:
     """Target adapter: ``lora.enabled=true lora.adapter_path=runs/dpo``."""
     system_prompt: Optional[str] = None
     """System message of the target."""
-    chat_template: str = "auto"
+    chat_template: Literal["auto", "true", "false"] = "auto"
     """Use the tokenizers' chat templates: ``auto``, ``true`` or ``false``."""
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=64, do_sample=False, batch_size=16))
@@ -65,7 +65,10 @@ class Config:
 
 def run(cfg: Config, resume: bool = False, red: Optional[ChatFn] = None, target: Optional[ChatFn] = None,
         scorer: Optional[Callable] = None) -> dict:
-    """Red-team the target. Python callers may pass ``red`` / ``target`` (``ChatFn``) and ``scorer``."""
+    """Red-team the target. Python callers may pass ``red`` / ``target`` (``ChatFn``) and ``scorer``.
+    It keeps no checkpoint: ``resume`` is refused."""
+    if resume:
+        raise UserError("redteam keeps no checkpoint: --resume is not supported (run it again without it)")
     import torch
 
     from rlhfkit.rewards import build_reward

@@ -30,20 +30,20 @@ as a whole scorer), the adapter goes to ``<output_dir>/adapter``; the tokenizer 
 summary's ``samples`` counts scored texts (two per pair); ``pairs`` counts pairs.
 
 Held-out accuracy (fraction of pairs with r_c > r_r) and mean margin r_c - r_r are measured before
-training, every ``train.eval_every`` steps, and at the end.
+training, every ``eval.every`` steps, and at the end (``eval_start`` / ``eval_end`` in summary.json).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from torch import nn
 
-from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, UserError
-from rlhfkit.data import DataStats, StepBatcher, Table, load_splits, preference_examples
-from rlhfkit.engine import Engine, process_info, total_steps_for
+from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError, check_best_metric
+from rlhfkit.data import DataStats, Table, preference_examples
+from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.losses import pairwise_reward
 from rlhfkit.models import (ValueHead, apply_lora, hidden_size, is_quantized, load_hf_config, load_model, load_tokenizer,
                             lora_targets, merge_dequantized, pick_device, prefix_sharing_supported, prefix_tree,
@@ -54,11 +54,18 @@ from rlhfkit.utils import atomic_write_json, logger, seed_everything
 LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
+EVAL_METRICS = ["eval/loss", "eval/accuracy", "eval/margin"]
+
+
 @dataclass
 class Config:
+    RENAMED: ClassVar[dict[str, str]] = {"train.eval_every": "eval.every", "eval_batch_size": "eval.batch_size",
+                                         "eval_max_rows": "eval.max_rows"}
+    # a reward model scores whole texts cut to model.max_length, in training as when it is used
+    UNUSED: ClassVar[tuple[str, ...]] = ("data.max_prompt_length", "data.max_completion_length")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="asset:minilm", max_length=256))
     """The backbone: an encoder (``asset:minilm``) or a causal / seq2seq language model."""
-    head: str = "auto"
+    head: Literal["auto", "classifier", "value_head"] = "auto"
     """``classifier`` (AutoModelForSequenceClassification, num_labels=1), ``value_head`` (a language
     model with a value head read at the last real token), or ``auto``: ``value_head`` when the
     checkpoint is a language model (its architecture ends in ForCausalLM, LMHeadModel or
@@ -74,16 +81,11 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/reward", lr=5e-5, batch_size=16,
                                                                        max_steps=300))
     """Optimizer, schedule, steps and output."""
-    eval_batch_size: int = 32
-    """Pairs per forward when measuring held-out accuracy and when computing reward statistics."""
-    eval_max_rows: Optional[int] = None
-    """Measure held-out accuracy on at most this many pairs."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=32))
+    """Held-out accuracy: how often, pairs per forward (also of the reward statistics), how many pairs."""
 
     def validate(self) -> None:
-        if self.head not in ("auto", "classifier", "value_head"):
-            raise UserError(f"head must be one of ['auto', 'classifier', 'value_head'], got '{self.head}'")
-        if self.eval_batch_size <= 0:
-            raise UserError(f"eval_batch_size must be > 0, got {self.eval_batch_size}")
+        check_best_metric(self.train, "reward", EVAL_METRICS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,61 +332,40 @@ def save_reward_model(net: RewardNet, tok, out, stats: dict, cfg: Config,
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
-    world, rank = process_info(cfg.train)
     head = resolve_head(cfg)
     seed_everything(cfg.train.seed)  # the new head's initial weights
     net, tok = build_net(cfg, head, pick_device(cfg.train.cpu))
     append_eos = head == "value_head"
-    train_table, held_table = load_splits(cfg.data)
-    stats = DataStats()
-    train = tokenize(pair_texts(train_table, cfg, tok, stats), tok, cfg, append_eos, stats)
-    held_stats = DataStats()
-    held = tokenize(pair_texts(held_table, cfg, tok, held_stats), tok, cfg, append_eos, held_stats) if held_table else []
-    if cfg.eval_max_rows is not None:
-        held = held[: cfg.eval_max_rows]
+    data = load_data(cfg, lambda table, stats: tokenize(pair_texts(table, cfg, tok, stats), tok, cfg, append_eos, stats))
+    train, held = data.train, data.held
     logger.info(f"reward: {head} head on {cfg.model.name_or_path}; {len(train)} training pairs, {len(held)} held-out pairs")
 
     with_margin = cfg.margin_column is not None
-    batcher = StepBatcher([len(p) for p in train], cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
-                          cfg.train.group_by_length, world, rank)
-    engine = Engine(cfg.train, "reward", cfg, net, total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume)
-    engine.extra_summary["data"] = stats.as_dict()
+    engine, batcher = make_engine(cfg, "reward", net, [len(p) for p in train], data, resume, EVAL_METRICS)
     engine.extra_summary["head"] = head
+
+    def train_step(step_idx: list[list[int]]) -> dict:
+        micro = [collate_pairs([train[i] for i in idx], tok.pad_token_id, with_margin) for idx in step_idx]
+        return engine.step(reward_loss, micro, [float(len(mb["input_ids"]) // 2) for mb in micro])
 
     def evaluate() -> Optional[dict]:
         if not held:
             return None
-        m = heldout_metrics(engine.unwrapped(), held, tok.pad_token_id, cfg.eval_batch_size)
-        engine.log(m)
-        return m
+        return heldout_metrics(engine.unwrapped(), held, tok.pad_token_id, cfg.eval.batch_size)
 
-    start = engine.state.get("eval_start")
-    if start is None:
-        start = evaluate()
-        engine.state["eval_start"] = start
-    while not engine.done:
-        micro = [collate_pairs([train[i] for i in idx], tok.pad_token_id, with_margin) for idx in batcher.step(engine.step_count)]
-        metrics = engine.step(reward_loss, micro, [float(len(mb["input_ids"]) // 2) for mb in micro])
-        engine.end_step(metrics)
-        if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
-            evaluate()
-    end = evaluate()
-    stats_rm = reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval_batch_size)
+    def save(out, stats_rm=None):
+        stats_rm = stats_rm or reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
+        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg)
+
+    start, end = train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
+    stats_rm = reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
     extra: dict = {"pairs": engine.samples * engine.world_size // 2, "reward_mean": stats_rm["mean"],
                    "reward_std": stats_rm["std"]}
-    for tag, m in (("start", start), ("end", end)):
-        if m is not None:
-            extra.update({f"eval_loss_{tag}": m["eval/loss"], f"eval_accuracy_{tag}": m["eval/accuracy"],
-                          f"eval_margin_{tag}": m["eval/margin"]})
     if start is not None and end is not None:
         logger.info(f"reward: held-out accuracy {start['eval/accuracy']:.3f} -> {end['eval/accuracy']:.3f}, "
                     f"mean margin {start['eval/margin']:.3f} -> {end['eval/margin']:.3f}")
     logger.info(f"reward: training-set rewards mean {stats_rm['mean']:.4f} std {stats_rm['std']:.4f} (reward_stats.json)")
-
-    def save(out):
-        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg, state_dict=engine.saved_state())
-
-    return engine.finish(save if cfg.train.save_model else None, extra)
+    return engine.finish((lambda out: save(out, stats_rm)) if cfg.train.save_model else None, extra)
 
 
 __all__ = ["Config", "RewardNet", "run", "reward_loss", "pair_prefix_lens", "heldout_metrics", "reward_stats", "save_reward_model"]
