@@ -87,7 +87,8 @@ from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import group_advantages, kl_penalty, masked_mean, ppo_policy
 from rlhfkit.models import PolicyModel, build_reference, load_policy, save_pretrained
 from rlhfkit.rewards import Composite, build_reward, validate_reward
-from rlhfkit.rollout import rollout, sample_max_new_tokens, score
+from rlhfkit.backends import require_training_backend
+from rlhfkit.rollout import Experience, engine_metrics, rollout, sample_max_new_tokens, score
 from rlhfkit.utils import atomic_write_text, logger, seed_everything
 
 ALGORITHMS = ["grpo", "rloo"]
@@ -245,6 +246,8 @@ class Batch:
     truncated: list[bool]
     times: dict[str, float] = field(default_factory=dict)
     """Seconds spent: ``time/generate``, ``time/reward``."""
+    exp: Optional[Experience] = None
+    """The rollout the batch came from (its engine log-probs for ``rollout/logprob_mismatch``)."""
 
 
 def prepare_prompts(table, cfg: Config, tokenizer, seq2seq: bool, stats: DataStats) -> list[PromptItem]:
@@ -291,7 +294,8 @@ def sample_and_score(model, tokenizer, items: list[PromptItem], reward: Composit
     tensors = dict(exp.batch)
     if G > 1:
         tensors["advantages"] = group_advantages(rewards, G, cfg.algorithm, cfg.scale_rewards)  # (N,)
-    return Batch(exp.prompts, exp.completions, tensors, rewards, parts, exp.response_lengths, exp.truncated, times)
+    return Batch(exp.prompts, exp.completions, tensors, rewards, parts, exp.response_lengths, exp.truncated, times,
+                 exp)
 
 
 def take_rows(tensors: dict, idx: torch.Tensor, seq2seq: bool) -> dict:
@@ -362,6 +366,7 @@ def make_reward(cfg: Config, reward_fn: Optional[Callable]) -> Composite:
 def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None) -> dict:
     """Train with GRPO or RLOO; ``reward_fn(prompts, completions, **columns) -> list[float]``
     replaces ``cfg.rewards`` when given. Returns the summary (also written to summary.json)."""
+    require_training_backend(cfg.generation, cfg.algorithm)
     reward = make_reward(cfg, reward_fn)
     seed_everything(cfg.train.seed)  # fresh LoRA weights too: the run does not depend on what ran before
     model, tok = load_policy(cfg.model, cfg.lora)
@@ -407,7 +412,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
         t1 = time.perf_counter()
         if cfg.beta > 0:
             b.tensors["ref_logps"] = no_grad_logps(reference.logps, b.tensors, cfg.train.batch_size, device)
-        if updates > 1:
+        if updates > 1 or b.exp.engine_logps is not None:  # the trainer's own old log-probs, also vs the engine's
             b.tensors["old_logps"] = no_grad_logps(lambda x: score(engine.unwrapped(), x).logps, b.tensors,
                                                    cfg.train.batch_size, device)
         times["time/reference"] = time.perf_counter() - t1
@@ -431,6 +436,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None)
         metrics["lr"] = update["lr"]  # of the iteration's last update
         metrics.update(reward_metrics(b, cfg.group_size, engine))
         metrics.update(times)
+        if "old_logps" in b.tensors:
+            metrics.update(engine_metrics(b.exp, b.tensors["old_logps"]))
         engine.end_step(metrics, extra_seconds=t2 - t0)
         if cfg.train.eval_every and engine.step_count % cfg.train.eval_every == 0 and not engine.done:
             run_eval()

@@ -49,7 +49,8 @@ from rlhfkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfi
 from rlhfkit.data import StepBatcher, Table, encode_prompt, load_splits, user_prompt, wrap_prompt
 from rlhfkit.engine import Engine, process_info
 from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, load_policy, save_pretrained, unwrap
-from rlhfkit.rollout import generate, rollout, sample_max_new_tokens
+from rlhfkit.backends import require_training_backend
+from rlhfkit.rollout import engine_metrics, generate, rollout, sample_max_new_tokens
 from rlhfkit.utils import logger, seed_everything
 
 
@@ -285,6 +286,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     ``model`` + ``tokenizer`` (replace ``cfg.model``). Returns the summary; the trained policy is
     in ``summary["policy"]`` when called from Python."""
     from rlhfkit.rewards import Composite, build_reward, validate_reward
+    require_training_backend(cfg.generation, "ppo")
     seed_everything(cfg.train.seed)  # LoRA / value-head initialisation happens before the Engine seeds
 
     # ---- models -------------------------------------------------------------------------------
@@ -459,6 +461,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
             "ppo/updates": len(update_metrics), "ppo/stopped_early": float(stopped_early),
             "time/generate": t_gen - t0, "time/reward": t_score - t_gen, "time/reference_value": t_ref - t_score,
             "time/update": t_upd - t_ref,
+            **engine_metrics(exp, old["logps"]),
         })
         # engine.step timed the updates; add generation, scoring and the no-grad passes
         engine.end_step(metrics, extra_seconds=t_ref - t0)
