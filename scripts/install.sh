@@ -40,7 +40,7 @@ PYEOF
 fi
 $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 if [[ "${1:-}" == "--test" ]]; then
-  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+  $PY -m pip install --quiet --disable-pip-version-check -e ".[test,bench,openai]"
   bash scripts/ci_browser_deps.sh
 else
   $PY -m pip install --quiet --disable-pip-version-check -e .
