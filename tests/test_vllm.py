@@ -132,6 +132,7 @@ def grpo_config(model, tmp_path, lora: bool):
 
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(100))
     cfg = make_config(model, data, tmp_path / "run", steps=2, lora=lora, train={"lr": 2e-2})
+    cfg.lora.dropout = 0.0  # GRPO's training forward applies LoRA dropout, the no-grad pass does not
     cfg.generation = GenerationConfig(**{**cfg.generation.__dict__, **VLLM})
     cfg.validate()
     return cfg

@@ -3,9 +3,9 @@
 One engine per process, built on first use in the training process itself (vLLM's in-process
 engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), from the policy's config and tokenizer written to a
 temporary folder and ``load_format="dummy"``: no checkpoint is read, the weights come from the
-policy. Before every generation call the engine is checked against the policy's weights, by the
-version counters of its parameters (every in-place update, an optimizer step included, bumps
-them): when they changed, the named tensors are pushed with vLLM's in-place reload
+policy. Before every generation call the engine is checked against the policy's weights (the
+same model object, and the same sum of every parameter: any optimizer step changes them); when
+they changed, the named tensors are pushed with vLLM's in-place reload
 (``collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)``, which
 re-runs the kernel-format processing, e.g. the CPU build's packed GEMM weights) and the prefix
 cache is reset. A LoRA policy pushes its merged weights ``W + s B A`` (computed beside the model,
@@ -122,10 +122,12 @@ def named_weights(hf: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(out.items())
 
 
-def weights_version(hf: nn.Module) -> tuple[int, int]:
-    """(id of the model, sum of its parameters' version counters): changes with every in-place
-    update of any parameter (optimizer steps, ``load_state_dict``, LoRA merges)."""
-    return id(hf), sum(p._version for p in hf.parameters())
+@torch.no_grad()
+def weights_fingerprint(hf: nn.Module) -> torch.Tensor:
+    """(P,) float64 sum of each parameter: any optimizer step changes it. (Parameters' version
+    counters do not do: torch's fused AdamW updates them in place without bumping the counters.)
+    One read of the weights, far cheaper than a push."""
+    return torch.stack([p.detach().sum(dtype=torch.float64).cpu() for p in hf.parameters()])
 
 
 class VLLMEngine:
@@ -159,7 +161,7 @@ class VLLMEngine:
                               f"use generation.backend=hf") from None
         logger.info(f"vllm: engine for {type(hf).__name__} ({dtype}) built in {time.perf_counter() - t0:.1f}s")
         self.model_ref: Optional[weakref.ref] = None
-        self.version: Optional[tuple[int, int]] = None
+        self.version: Optional[torch.Tensor] = None
         self.sync_seconds = 0.0
         self.sleeping = False
         self.pushed_last = False
@@ -177,8 +179,8 @@ class VLLMEngine:
 
     def sync(self, hf: nn.Module) -> bool:
         """Push ``hf``'s weights when they are not the ones the engine holds; True when pushed."""
-        version = weights_version(hf)
-        if self.model_ref is not None and self.model_ref() is hf and self.version == version:
+        version = weights_fingerprint(hf)
+        if self.model_ref is not None and self.model_ref() is hf and torch.equal(self.version, version):
             return False
         self.wake()
         t0 = time.perf_counter()
@@ -269,7 +271,17 @@ def last_sync_seconds() -> float:
 
 def generate_ids(hf: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
                  max_new_tokens: int) -> Sampled:
-    """Responses of the engine holding ``hf``'s current weights (see the module docstring)."""
+    """Responses of the engine holding ``hf``'s current weights (see the module docstring).
+
+    Engine construction, weight pushes and sampling all run in inference mode: tensors vLLM
+    creates there are inference tensors, which may only be updated in inference mode again
+    (``rollout.generate_ids`` runs in it, ``rollout.rollout`` does not)."""
+    with torch.inference_mode():
+        return _generate_ids(hf, tokenizer, prompt_ids, gen, max_new_tokens)
+
+
+def _generate_ids(hf: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
+                  max_new_tokens: int) -> Sampled:
     engine = engine_for(hf, tokenizer, gen.vllm)
     synced = engine.sync_seconds if engine.model_ref is not None and engine.pushed_last else 0.0
     out = engine.sample(prompt_ids, gen, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
