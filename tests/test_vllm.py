@@ -214,8 +214,10 @@ def free_port() -> int:
 def start_server(folder: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", folder, "--host", "127.0.0.1", "--port",
-           str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--served-model-name", "tiny"]
+    # `vllm serve` is this module (the `vllm` console script looks up the distribution "vllm", which
+    # the CPU build names "vllm-cpu")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--served-model-name", "tiny"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import httpx
 
