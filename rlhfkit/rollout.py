@@ -201,7 +201,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationCon
         texts = complete(prompts, gen, sample_max_new_tokens(gen, rng), progress=progress, desc=desc)
         if not return_ids:
             return texts
-        return texts, [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+        return texts, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     hf = unwrap(_lm(model))
     seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
     ids = [encode_prompt(tokenizer, p, seq2seq) for p in prompts]
