@@ -239,8 +239,9 @@ class VLLMConfig:
     """Share of the GPU memory vLLM may take for weights and KV cache (the trainer keeps the
     rest). On a CPU the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB; 1 when unset)."""
     max_model_len: Optional[int] = None
-    """Longest prompt + completion (tokens) the engine serves; None: the model's own limit
-    (``max_position_embeddings``), which sizes the KV cache check: set it to ``model.max_length``."""
+    """Longest prompt + completion (tokens) the engine serves; None: the tokenizer's
+    ``model_max_length`` (which rlhfkit sets from ``model.max_length``) when the model allows it,
+    else the model's own limit."""
     dtype: str = "auto"
     """Engine weights dtype: ``auto`` (the policy's own dtype), ``float32``, ``bfloat16`` or
     ``float16``. Synced weights are cast to it."""

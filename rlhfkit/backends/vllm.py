@@ -150,8 +150,12 @@ class VLLMEngine:
                       generation_config="vllm", tensor_parallel_size=cfg.tensor_parallel_size,
                       gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
                       enforce_eager=not torch.cuda.is_available(), max_logprobs=0)
+        limit = getattr(hf.config, "max_position_embeddings", None)
+        tok_max = getattr(tokenizer, "model_max_length", None)  # rlhfkit sets it from model.max_length
         if cfg.max_model_len is not None:
             kwargs["max_model_len"] = cfg.max_model_len
+        elif tok_max and tok_max < 10**6 and (limit is None or tok_max <= limit):
+            kwargs["max_model_len"] = int(tok_max)
         t0 = time.perf_counter()
         try:
             self.llm = vllm.LLM(**kwargs)
