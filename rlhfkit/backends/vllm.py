@@ -174,6 +174,7 @@ class VLLMEngine:
     def engine_key(hf: nn.Module, tokenizer, cfg: VLLMConfig) -> str:
         config = {k: v for k, v in hf.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
         return json.dumps([type(hf).__name__, config, len(tokenizer), tokenizer.eos_token_id,
+                           min(getattr(tokenizer, "model_max_length", 0) or 0, 10**6),
                            str(next(hf.parameters()).dtype), repr(cfg)], sort_keys=True)
 
     def wake(self) -> None:
