@@ -199,6 +199,8 @@ def test_grpo_with_vllm_learns_like_hf(llama32, tmp_path):
         check_learned(summary, tmp_path / backend)
         gains[backend] = summary["eval_reward_end"] - summary["eval_reward_start"]
     print("held-out greedy reward gain:", gains)
+    # observed: hf 0.447, vllm 0.480 (both from 0.053; the letter-'a' plateau is ~0.5)
+    assert abs(gains["vllm"] - gains["hf"]) < 0.15, gains
 
 
 # --------------------------------------------------------------------------------------------
