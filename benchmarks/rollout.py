@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="asset:smollm2")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-length", type=int, default=512, help="model.max_length = the engine's max_model_len")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -52,14 +53,14 @@ def main() -> None:
     from rlhfkit.models import load_policy, unwrap
     from rlhfkit.rollout import rollout
 
-    lm, tok = load_policy(ModelConfig(name_or_path=args.model, dtype=args.dtype, max_length=512),
+    lm, tok = load_policy(ModelConfig(name_or_path=args.model, dtype=args.dtype, max_length=args.max_length),
                           LoraConfig(enabled=True, target_modules=["all-linear"]) if args.lora else None)
     lm.eval()
     texts = [wrap_prompt(p, DataConfig(), tok) for p in prompts(args.prompts) for _ in range(args.samples)]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     base = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_k=0, batch_size=len(ids))
     gens = {"hf": GenerationConfig(**base),
-            "vllm": GenerationConfig(**base, backend="vllm", vllm=VLLMConfig(max_model_len=512, dtype=args.dtype))}
+            "vllm": GenerationConfig(**base, backend="vllm", vllm=VLLMConfig(max_model_len=args.max_length, dtype=args.dtype))}
     t0 = time.perf_counter()
     rollout(lm, tok, texts[:1], ids[:1], gens["vllm"])  # build the engine and push the weights
     build = time.perf_counter() - t0

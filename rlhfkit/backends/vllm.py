@@ -160,7 +160,8 @@ class VLLMEngine:
         try:
             self.llm = vllm.LLM(**kwargs)
         except (ValueError, RuntimeError, NotImplementedError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lines = [x.strip() for x in str(e).splitlines() if x.strip() and not x.strip().startswith("For further")]
+            first = " ".join(lines)[:400] if lines else type(e).__name__  # pydantic errors span lines
             raise ConfigError(f"generation.backend=vllm: vLLM cannot serve {type(hf).__name__} ({first}); "
                               f"use generation.backend=hf") from None
         logger.info(f"vllm: engine for {type(hf).__name__} ({dtype}) built in {time.perf_counter() - t0:.1f}s")
