@@ -60,7 +60,8 @@ def main() -> None:
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     base = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_k=0, batch_size=len(ids))
     gens = {"hf": GenerationConfig(**base),
-            "vllm": GenerationConfig(**base, backend="vllm", vllm=VLLMConfig(max_model_len=args.max_length, dtype=args.dtype))}
+            "vllm": GenerationConfig(**base, backend="vllm",
+                                     vllm=VLLMConfig(max_model_len=args.max_length, dtype=args.dtype))}
     t0 = time.perf_counter()
     rollout(lm, tok, texts[:1], ids[:1], gens["vllm"])  # build the engine and push the weights
     build = time.perf_counter() - t0
@@ -83,7 +84,8 @@ def main() -> None:
            "new_tokens": args.new_tokens, "engine_build_seconds": round(build, 1),
            "hf_tokens_per_second": round(statistics.median(rates["hf"]), 1),
            "vllm_tokens_per_second": round(statistics.median(rates["vllm"]), 1),
-           "weight_sync_seconds": round(statistics.median(syncs), 3), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+           "weight_sync_seconds": round(statistics.median(syncs), 3),
+           "device": "cuda" if torch.cuda.is_available() else "cpu"}
     print(f"| backend | tokens/s (median of {args.repeats}) |\n|---|---|")
     print(f"| hf | {out['hf_tokens_per_second']} |\n| vllm | {out['vllm_tokens_per_second']} |")
     print(f"weight sync per step: {out['weight_sync_seconds']} s; engine build {out['engine_build_seconds']} s")

@@ -253,7 +253,8 @@ class VLLMConfig:
 
     def validate(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"generation.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigError("generation.vllm.gpu_memory_utilization must be in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
         if self.max_model_len is not None:
             _check_positive("generation.vllm.max_model_len", self.max_model_len)
         _check_choice("generation.vllm.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])

@@ -107,7 +107,8 @@ def test_sampling_fields_map_one_to_one(gen, fake):
 
     from rlhfkit.rollout import generate
 
-    g = GenerationConfig(**{**gen.__dict__, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_new_tokens": 2,
+    g = GenerationConfig(**{**gen.__dict__, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
+                            "min_new_tokens": 2,
                             "repetition_penalty": 1.1})
     torch.manual_seed(0)
     out = generate(None, None, ["p1", "p2", "p1"], g, seed=3)
@@ -225,12 +226,14 @@ def test_judge_pairwise_and_pointwise_through_the_endpoint(gen, fake, tmp_path):
     assert out[0]["judge_explanation_ab"] == "because A" and out[0]["judge_explanation_ba"] == "because B"
     assert s["ties"] == 1 and s["written"] == 2 and s["judge_unparsed"] == 0 and s["position_bias"] == pytest.approx(
         (1 + 0 + 0.5 + 0 + 1 + 0.5) / 6)
-    data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "q", "completion": "GOOD"}, {"prompt": "q", "completion": "bad"}])
+    data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "q", "completion": "GOOD"},
+                                                {"prompt": "q", "completion": "bad"}])
     cfg = judge.Config(judge=jcfg, mode="pointwise", output_dir=str(tmp_path / "pt"))
     cfg.data.path = data
     s = judge.run(cfg)
     out = [json.loads(line) for line in (tmp_path / "pt" / "judged.jsonl").read_text().splitlines()]
-    assert [r["score"] for r in out] == [pytest.approx(9.0), pytest.approx(2.0)] and out[0]["judge_explanation"] == "because 9"
+    assert [r["score"] for r in out] == [pytest.approx(9.0), pytest.approx(2.0)]
+    assert out[0]["judge_explanation"] == "because 9"
 
 
 @pytest.mark.unit

