@@ -296,6 +296,67 @@ class ReferenceConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """``generation.vllm``: the colocated vLLM engine of ``generation.backend: vllm`` (one per process)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU memory vLLM may take for weights and KV cache (the trainer keeps the
+    rest). On a CPU the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB; 1 when unset)."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + completion (tokens) the engine serves; None: the tokenizer's
+    ``model_max_length`` (which rlhfkit sets from ``model.max_length``) when the model allows it,
+    else the model's own limit."""
+    dtype: str = "auto"
+    """Engine weights dtype: ``auto`` (the policy's own dtype), ``float32``, ``bfloat16`` or
+    ``float16``. Synced weights are cast to it."""
+    enable_sleep_mode: bool = False
+    """Between rollouts put the engine to sleep (KV cache freed, weights offloaded to CPU memory)
+    so the training step has the GPU; woken before the next weight sync. CUDA only."""
+    tensor_parallel_size: int = 1
+    """GPUs the engine shards the policy over (vLLM tensor parallelism)."""
+
+    def validate(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("generation.vllm.gpu_memory_utilization must be in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None:
+            _check_positive("generation.vllm.max_model_len", self.max_model_len)
+        _check_choice("generation.vllm.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _check_positive("generation.vllm.tensor_parallel_size", self.tensor_parallel_size)
+
+
+@dataclass
+class OpenAIConfig:
+    """``generation.openai``: an OpenAI-compatible endpoint for ``generation.backend: openai``
+    (generation-only commands: eval, prefs, judge, constitutional, redteam)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint root, e.g. ``http://127.0.0.1:8000/v1`` for ``vllm serve``."""
+    model: str = ""
+    """Model name the endpoint serves (required)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself never goes in a
+    config). Unset variable: the key ``EMPTY`` (local servers take any key)."""
+    max_concurrency: int = 8
+    """Requests in flight at once."""
+    max_retries: int = 3
+    """Retries of a failed request (connection error, timeout, 408/409/429/5xx), with
+    exponential backoff (the ``openai`` client's own); then the command stops with an error."""
+    timeout: float = 120.0
+    """Seconds before one request times out."""
+    cache: Optional[str] = ".cache/openai"
+    """Folder of the response cache (an SQLite file keyed by endpoint, model, request and seed):
+    a re-run with the same config sends nothing already answered, and an interrupted run keeps
+    what was answered. None: no cache."""
+
+    def validate(self) -> None:
+        _check_positive("generation.openai.max_concurrency", self.max_concurrency)
+        if self.max_retries < 0:
+            raise ConfigError(f"generation.openai.max_retries must be >= 0, got {self.max_retries}")
+        _check_positive("generation.openai.timeout", self.timeout)
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = 64
     """Most tokens generated per response."""
@@ -317,12 +378,20 @@ class GenerationConfig:
     batch_size: int = 16
     """Prompts per generate call."""
     backend: str = "hf"
-    """``hf`` (transformers generate with KV cache) or ``vllm`` (GPU, optional extra)."""
+    """``hf`` (transformers ``generate`` with KV cache), ``vllm`` (a colocated vLLM engine that
+    holds the policy's current weights; the ``gpu`` extra, or ``vllm-cpu``) or ``openai`` (an
+    OpenAI-compatible endpoint; generation-only commands; the ``openai`` extra)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Engine settings of ``backend: vllm``."""
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    """Endpoint settings of ``backend: openai``."""
 
     def validate(self) -> None:
         _check_positive("generation.max_new_tokens", self.max_new_tokens)
         _check_positive("generation.batch_size", self.batch_size)
-        _check_choice("generation.backend", self.backend, ["hf", "vllm"])
+        _check_choice("generation.backend", self.backend, ["hf", "vllm", "openai"])
+        if self.backend == "openai" and not self.openai.model:
+            raise ConfigError("generation.backend=openai needs generation.openai.model")
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(
                 f"generation.min_new_tokens ({self.min_new_tokens}) > generation.max_new_tokens ({self.max_new_tokens})"

@@ -35,7 +35,7 @@ from typing import Callable, Literal, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, UserError
+from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, OpenAIConfig, UserError
 from rlhfkit.utils import logger
 
 Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
@@ -84,7 +84,9 @@ def load_lm(model: ModelConfig, adapter_path: Optional[str] = None, cpu: bool = 
 
 class ChatGenerator:
     """A :data:`ChatFn` over a Hugging Face model: renders each conversation (chat template when
-    the tokenizer has one) and samples a reply with ``rlhfkit.rollout.generate``."""
+    the tokenizer has one) and samples a reply with ``rlhfkit.rollout.generate``. With
+    ``generation.backend: openai`` the conversations go to the endpoint's chat API as messages
+    (the system prompt first) and no local model is needed (``model``, ``tokenizer`` None)."""
 
     def __init__(self, model, tokenizer, generation: GenerationConfig, chat_template: str = "auto",
                  system_prompt: Optional[str] = None, progress: bool = False, desc: str = "generate"):
@@ -99,6 +101,12 @@ class ChatGenerator:
         from rlhfkit.rollout import generate
 
         gen = self.generation if temperature is None else dataclasses.replace(self.generation, temperature=temperature)
+        if gen.backend == "openai":
+            from rlhfkit.backends.openai import chat
+
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            msgs = [c if (c and c[0]["role"] == "system") else system + list(c) for c in conversations]
+            return chat(msgs, gen, progress=self.progress, desc=self.desc)
         texts = [self.render(c) for c in conversations]
         return generate(self.model, self.tokenizer, texts, gen, progress=self.progress, desc=self.desc)
 
@@ -232,8 +240,22 @@ class JudgeConfig:
     """Judge prompts per forward."""
     max_length: int = 1024
     """Longest judge prompt in tokens (cut from the left beyond it)."""
+    backend: str = "hf"
+    """``hf``: the judge model's log-probabilities of the answers (above). ``openai``: an
+    OpenAI-compatible endpoint (``openai`` section; e.g. a GPT-4-class model) writes an
+    explanation and a verdict as JSON (``{"explanation": ..., "verdict": ...}``, asked for with a
+    JSON-schema response format); pairwise verdicts may be ``tie`` (counted as 1/2), both orders
+    are asked, and the explanations are stored with the output rows."""
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    """The endpoint of ``backend: openai``: base_url, model, api_key_env, concurrency, retries, cache."""
+    max_new_tokens: int = 256
+    """``backend: openai``: longest reply (explanation and verdict) in tokens."""
 
     def validate(self) -> None:
+        if self.backend not in ("hf", "openai"):
+            raise ConfigError(f"judge.backend must be one of ['hf', 'openai'], got '{self.backend}'")
+        if self.backend == "openai" and not self.openai.model:
+            raise ConfigError("judge.backend=openai needs judge.openai.model")
         if len(self.choices) != 2 or self.choices[0] == self.choices[1]:
             raise ConfigError(f"judge.choices must be two different answers, got {self.choices}")
         if len(self.labels) < 2:
@@ -292,7 +314,7 @@ class PairwiseJudge:
 
     @classmethod
     def from_config(cls, cfg: JudgeConfig, model=None, tokenizer=None, cpu: bool = False) -> "PairwiseJudge":
-        return cls(_scorer(cfg, model, tokenizer, cpu), cfg.template, cfg.choices)
+        return cls(_scorer(cfg, model, tokenizer, cpu, ties=True), cfg.template, cfg.choices)
 
     def text(self, prompt: str, first: str, second: str) -> str:
         return _fill(self.template, prompt=prompt, a=first, b=second)
@@ -347,7 +369,66 @@ class PointwiseJudge:
         return (self.probabilities(prompts, completions) @ self.values).tolist()
 
 
-def _scorer(cfg: JudgeConfig, model, tokenizer, cpu: bool) -> LMScorer:
+class EndpointScorer:
+    """:class:`CandidateScorer` over an OpenAI-compatible endpoint (``judge.backend: openai``).
+
+    Each text is sent as a user message (after the system prompt), followed by an instruction to
+    reply in JSON, and the reply is constrained with a JSON-schema response format: an
+    ``explanation`` (at most ``EXPLANATION_CHARS`` characters) first, then a ``verdict`` among the
+    candidates (plus ``tie`` when ``ties``). The verdict becomes log-probabilities: 0 for the
+    chosen candidate and ``-50`` for the others (probability 1 after the judges' renormalisation),
+    ``log 1/2`` for both on a tie. A reply without a readable verdict counts as a tie and is
+    counted in ``unparsed``. ``explanations[text]`` keeps the explanation of every text."""
+
+    EXPLANATION_CHARS = 400
+    LOST = -50.0
+
+    def __init__(self, cfg: JudgeConfig, ties: bool):
+        self.cfg, self.ties = cfg, ties
+        self.explanations: dict[str, str] = {}
+        self.verdicts: dict[str, str] = {}
+        self.unparsed = 0
+
+    def logprobs(self, texts: list[str], candidates: Sequence[str]) -> np.ndarray:
+        import json
+        import re
+
+        from rlhfkit.backends.openai import chat
+
+        allowed = list(candidates) + (["tie"] if self.ties else [])
+        schema = {"type": "object", "additionalProperties": False, "required": ["explanation", "verdict"],
+                  "properties": {"explanation": {"type": "string", "maxLength": self.EXPLANATION_CHARS},
+                                 "verdict": {"type": "string", "enum": allowed}}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": False}}
+        ask = (f'\n\nReply in JSON: {{"explanation": "<your reasoning, briefly>", "verdict": "<one of '
+               f'{", ".join(allowed)}>"}}.')
+        system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        gen = GenerationConfig(do_sample=False, max_new_tokens=self.cfg.max_new_tokens, backend="openai",
+                               openai=self.cfg.openai)
+        replies = chat([system + user(t + ask) for t in texts], gen, response_format=fmt, desc="judge")
+        out = np.full((len(texts), len(candidates)), self.LOST, dtype=np.float64)
+        for i, (t, reply) in enumerate(zip(texts, replies)):
+            verdict, explanation = None, reply
+            try:
+                obj = json.loads(reply)
+                verdict, explanation = obj.get("verdict"), str(obj.get("explanation", ""))
+            except (ValueError, AttributeError):
+                m = re.search(r'"verdict"\s*:\s*"([^"]*)"', reply)
+                verdict = m.group(1) if m else None
+            if verdict not in allowed:
+                self.unparsed += 1
+                verdict = "tie"
+            self.explanations[t], self.verdicts[t] = explanation, verdict
+            if verdict == "tie":
+                out[i, :] = np.log(1.0 / len(candidates))
+            else:
+                out[i, list(candidates).index(verdict)] = 0.0
+        return out
+
+
+def _scorer(cfg: JudgeConfig, model, tokenizer, cpu: bool, ties: bool = False):
+    if cfg.backend == "openai":
+        return EndpointScorer(cfg, ties)
     if model is None:
         if cfg.model is None:
             raise ConfigError("judge.model is not set")

@@ -8,7 +8,8 @@ add their advantages and loss. Generation goes through one entry point, ``genera
 Causal prompts are left-padded so every response starts at the same column; responses are cut
 after their first EOS. Rows that repeat a prompt (several samples per prompt) share one prefill.
 ``GenerationConfig.output_length_range`` draws ``max_new_tokens`` per batch (trlX's LengthSampler).
-The vLLM backend (``generation.backend=vllm``) is an optional GPU extra.
+``generation.backend`` ``vllm`` and ``openai`` are dispatched to :mod:`rlhfkit.backends` (token ids
+from a colocated vLLM engine holding the policy's weights; text from an OpenAI-compatible endpoint).
 """
 from __future__ import annotations
 
@@ -149,8 +150,8 @@ def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: 
 
     Runs under ``torch.inference_mode`` (less per-op bookkeeping than ``no_grad``: ~8% faster
     decoding of a small model on a CPU); only Python lists leave it."""
-    if gen.backend == "vllm":
-        raise UserError("generation.backend=vllm needs the 'gpu' extra and a CUDA device; use backend=hf here")
+    if gen.backend != "hf":
+        return backend_sample(model, tokenizer, prompt_ids, gen, max_new_tokens).token_ids
     lm = _lm(model)
     hf = unwrap(lm)
     seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
@@ -178,6 +179,17 @@ def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: 
     return responses
 
 
+def backend_sample(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
+                   max_new_tokens: Optional[int] = None):
+    """Token ids (and the engine's log-probs) from ``generation.backend: vllm`` for all prompts at
+    once (the engine batches them itself); ``backends.vllm.Sampled``."""
+    if gen.backend != "vllm":
+        raise UserError(f"generation.backend={gen.backend} returns text, not token ids; use backend hf or vllm here")
+    from rlhfkit.backends import vllm
+
+    return vllm.generate_ids(unwrap(_lm(model)), tokenizer, prompt_ids, gen, max_new_tokens or gen.max_new_tokens)
+
+
 def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationConfig, progress: bool = False,
              seed: Optional[int] = None, desc: str = "generate", return_ids: bool = False):
     """Completions (text, special tokens removed) for ``prompts``, ``gen.batch_size`` at a time.
@@ -186,11 +198,18 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationCon
     log-prob computation must score, since decoding and re-encoding can change the tokens."""
     from rlhfkit.data import encode_prompt
 
-    hf = unwrap(_lm(model))
-    seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
     if seed is not None:
         torch.manual_seed(seed)
     rng = random.Random(seed)
+    if gen.backend == "openai":  # text in, text out; ids re-encoded with the local tokenizer
+        from rlhfkit.backends.openai import complete
+
+        texts = complete(prompts, gen, sample_max_new_tokens(gen, rng), progress=progress, desc=desc)
+        if not return_ids:
+            return texts
+        return texts, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    hf = unwrap(_lm(model))
+    seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
     ids = [encode_prompt(tokenizer, p, seq2seq) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     responses: list[list[int]] = [[] for _ in ids]
@@ -199,8 +218,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], gen: GenerationCon
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ids), desc=desc, unit="prompt", dynamic_ncols=True)
-    for s in range(0, len(order), gen.batch_size):
-        chunk = order[s: s + gen.batch_size]
+    step = gen.batch_size if gen.backend == "hf" else len(order)  # vLLM batches by itself
+    for s in range(0, len(order), step):
+        chunk = order[s: s + step]
         for i, r in zip(chunk, generate_ids(model, tokenizer, [ids[i] for i in chunk], gen,
                                             sample_max_new_tokens(gen, rng))):
             responses[i] = r
@@ -246,6 +266,23 @@ class Experience:
     batch: dict
     response_lengths: list[int]
     truncated: list[bool]
+    engine_logps: Optional[torch.Tensor] = None
+    """(B, T) aligned with ``batch["labels"]``: the generation engine's log-prob of each sampled
+    token (``backend: vllm``; None for ``hf``, whose sampler is the trainer's own model)."""
+    weight_sync_seconds: float = 0.0
+    """Seconds spent pushing the policy's weights into the engine before this rollout."""
+
+
+def engine_metrics(engine_logps: Optional[torch.Tensor], trainer_logps: torch.Tensor, mask: torch.Tensor,
+                   sync_seconds: float) -> dict[str, float]:
+    """``rollout/logprob_mismatch``: mean over response tokens (``mask`` (B, T)) of |engine log-prob -
+    trainer log-prob| (both (B, T), the batch's layout), and ``rollout/weight_sync_seconds``; empty
+    without engine log-probs (``backend: hf``)."""
+    if engine_logps is None:
+        return {}
+    diff = (engine_logps - trainer_logps.detach().float().cpu()).abs()[mask]  # (N_tokens,)
+    return {"rollout/logprob_mismatch": float(diff.mean()) if diff.numel() else 0.0,
+            "rollout/weight_sync_seconds": sync_seconds}
 
 
 def rollout(model: nn.Module, tokenizer, prompts: list[str], prompt_ids: list[list[int]], gen: GenerationConfig,
@@ -254,19 +291,35 @@ def rollout(model: nn.Module, tokenizer, prompts: list[str], prompt_ids: list[li
 
     Prompts go to ``generate`` ``gen.batch_size`` at a time, prompts of similar length together (the
     prefill then spends little on left padding); the batch is collated once, in the given order."""
+    from rlhfkit.backends import require_training_backend
+
+    require_training_backend(gen, "rollout")
     responses: list[list[int]] = [[] for _ in prompt_ids]
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    with lora_merged(model):
-        for s in range(0, len(order), gen.batch_size):
-            chunk = order[s: s + gen.batch_size]
-            for i, r in zip(chunk, generate_ids(model, tokenizer, [prompt_ids[i] for i in chunk], gen, max_new_tokens)):
-                responses[i] = r
+    sampled = None
+    if gen.backend == "vllm":
+        sampled = backend_sample(model, tokenizer, prompt_ids, gen, max_new_tokens)
+        responses = sampled.token_ids
+    else:
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        with lora_merged(model):
+            for s in range(0, len(order), gen.batch_size):
+                chunk = order[s: s + gen.batch_size]
+                for i, r in zip(chunk, generate_ids(model, tokenizer, [prompt_ids[i] for i in chunk], gen,
+                                                    max_new_tokens)):
+                    responses[i] = r
     eos = tokenizer.eos_token_id
     responses = [r if r else [eos] for r in responses]
     seq2seq = bool(getattr(unwrap(_lm(model)).config, "is_encoder_decoder", False))
     batch = collate([Example(p, r) for p, r in zip(prompt_ids, responses)], tokenizer.pad_token_id, seq2seq)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-    return Experience(list(prompts), texts, batch, [len(r) for r in responses], [r[-1] != eos for r in responses])
+    exp = Experience(list(prompts), texts, batch, [len(r) for r in responses], [r[-1] != eos for r in responses])
+    if sampled is not None:  # causal only: every response starts at column P
+        P = batch["labels"].shape[1] - max(len(r) for r in responses)
+        exp.engine_logps = torch.zeros(batch["labels"].shape, dtype=torch.float32)  # (B, T)
+        for b, lp in enumerate(sampled.logprobs):
+            exp.engine_logps[b, P: P + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        exp.weight_sync_seconds = sampled.sync_seconds
+    return exp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,11 +490,23 @@ class Rollout:
     """(B, T) entropy of the sampling policy at each response token (0 off the mask)."""
     times: dict[str, float] = field(default_factory=dict)
     """Seconds: ``time/generate``, ``time/reward``, ``time/no_grad``."""
+    engine_logps: Optional[torch.Tensor] = None
+    """(B, T) the generation engine's log-prob of each sampled token (``generation.backend: vllm``;
+    None for ``hf``, whose sampler is the trainer's own model)."""
+    weight_sync_seconds: float = 0.0
+    """Seconds spent pushing the policy's weights into the engine before this rollout."""
 
     @property
     def response_lengths(self) -> torch.Tensor:
         """(B,) tokens per response (EOS included)."""
         return self.mask.sum(1)
+
+    def engine_metrics(self) -> dict[str, float]:
+        """``rollout/logprob_mismatch`` (mean |engine log-prob - trainer log-prob| over response
+        tokens) and ``rollout/weight_sync_seconds``; empty for ``backend: hf``."""
+        if self.old_logps is None:
+            return {}
+        return engine_metrics(self.engine_logps, self.old_logps, self.mask, self.weight_sync_seconds)
 
     def metrics(self, gather=None) -> dict[str, float]:
         """Reward and response statistics (over every process when ``gather`` collects rows)."""
@@ -485,7 +550,9 @@ def make_experience(policy: PolicyModel, tokenizer, items: list[PromptItem], rew
     start = 0 if seq2seq else int(mask.float().argmax(dim=1).min())
     ro = Rollout(rows, exp.completions, tensors, mask, start, torch.tensor(total, dtype=torch.float32),
                  {n: torch.tensor(v, dtype=torch.float32) for n, v in parts.items()},
-                 torch.tensor(exp.truncated, dtype=torch.bool))
+                 torch.tensor(exp.truncated, dtype=torch.bool), engine_logps=exp.engine_logps,
+                 weight_sync_seconds=exp.weight_sync_seconds)
+    old_logps = old_logps or exp.engine_logps is not None  # the trainer's own, also vs the engine's
     device = next(policy.parameters()).device
 
     def on_device(b: dict) -> dict:

@@ -80,7 +80,8 @@ def run(cfg: Config, resume: bool = False, chat: Optional[ChatFn] = None) -> dic
     todo = list(dict.fromkeys(p for p in prompts if p not in done))
     logger.info(f"constitutional: {len(prompts)} prompts from {source}, {len(todo)} to revise")
     if todo and chat is None:
-        model, tok = load_lm(cfg.model, cfg.lora.adapter_path if cfg.lora.enabled else None, cfg.cpu)
+        model, tok = (None, None) if cfg.generation.backend == "openai" else \
+            load_lm(cfg.model, cfg.lora.adapter_path if cfg.lora.enabled else None, cfg.cpu)
         chat = ChatGenerator(model, tok, cfg.generation, cfg.data.chat_template, cfg.data.system_prompt)
     torch.manual_seed(cfg.seed)
     from tqdm.auto import tqdm

@@ -76,6 +76,7 @@ from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_pro
 from rlhfkit.rollout import (MODEL_KEYS, Rollout, load_online_policy, make_experience, make_reward,
                              sample_max_new_tokens, take_rows)
 from rlhfkit.utils import logger, seed_everything
+from rlhfkit.backends import require_training_backend
 
 ALGORITHMS = ["grpo", "rloo", "reinforce_pp"]
 AGGREGATIONS = list(losses.AGGREGATIONS)
@@ -201,6 +202,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     completions, **columns) -> list[float]`` (replaces ``cfg.rewards``), a list of ``prompts``
     (replaces ``cfg.data``) and a loaded ``model`` + ``tokenizer`` (replace ``cfg.model``).
     Returns the summary; the trained policy is in ``summary["policy"]``."""
+    require_training_backend(cfg.generation, cfg.algorithm)
     reward = make_reward(cfg.rewards, cfg.reward_bias, reward_fn, cfg.algorithm)
     seed_everything(cfg.train.seed)  # fresh LoRA weights too: the run does not depend on what ran before
     lm, tok = load_online_policy(cfg.model, cfg.lora, model, tokenizer)
@@ -257,6 +259,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         metrics = {k: v / updates for k, v in sums.items()}
         metrics["lr"] = update["lr"]  # of the iteration's last update
         metrics.update(ro.metrics(gather))
+        metrics.update(ro.engine_metrics())
         if G > 1:
             scores = gather(ro.scores[:, None])[:, 0] if gather else ro.scores
             groups = scores.reshape(-1, G)  # (prompts, G)

@@ -8,6 +8,9 @@ Every pair is judged in both orders and the two verdicts averaged
 confidence ``max(p, 1 - p)`` reaches ``min_confidence``.
 ``mode: pointwise``: rows with one ``completion``; the output adds ``score``, the expected label
 value (``rlhfkit.feedback.PointwiseJudge``: "1".."10", or "No"/"Yes" with ``judge.values: [0, 1]``).
+``judge.backend: openai`` asks an OpenAI-compatible endpoint instead (a verdict with an explanation,
+ties allowed; ``feedback.EndpointScorer``): the rows then carry ``judge_explanation`` (pointwise)
+or ``judge_explanation_ab`` / ``judge_explanation_ba`` (pairwise, both orders).
 
 Writes ``output`` (jsonl, atomically), ``config.yaml`` and ``summary.json`` (counts, mean
 probability, position bias = mean probability of the answer shown first, agreement).
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from rlhfkit.config import ConfigError, DataConfig, UserError, save_config
-from rlhfkit.feedback import JudgeConfig, PairwiseJudge, PointwiseJudge, label_pairs
+from rlhfkit.feedback import EndpointScorer, JudgeConfig, PairwiseJudge, PointwiseJudge, _fill, label_pairs
 from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, logger
 
 
@@ -49,7 +52,7 @@ class Config:
     def validate(self) -> None:
         if not 0.5 <= self.min_confidence <= 1.0:
             raise ConfigError(f"min_confidence must be in [0.5, 1], got {self.min_confidence}")
-        if self.judge.model is None:
+        if self.judge.model is None and self.judge.backend != "openai":
             raise ConfigError("judge.model is required (e.g. judge.model.name_or_path=asset:smollm2)")
 
 
@@ -87,6 +90,12 @@ def run(cfg: Config, resume: bool = False, judge=None) -> dict:
                 for r, p, c, s in zip(table.rows, prompts, completions, scores)]
         summary.update(score_mean=statistics.fmean(scores) if scores else None,
                        score_sd=statistics.stdev(scores) if len(scores) > 1 else None)
+        scorer = getattr(judge, "scorer", None)
+        if isinstance(scorer, EndpointScorer):  # the endpoint's explanation of each score
+            for r in rows:
+                r["judge_explanation"] = scorer.explanations.get(
+                    _fill(judge.template, prompt=r["prompt"], completion=r["completion"]))
+            summary["judge_unparsed"] = scorer.unparsed
     else:
         a_col, b_col = _pair_columns(table, cfg.data)
         a = [require_text(table, i, a_col, cfg.data, allow_empty=True) for i in range(len(prompts))]
@@ -95,6 +104,13 @@ def run(cfg: Config, resume: bool = False, judge=None) -> dict:
         rows, v = label_pairs(judge, prompts, a, b, cfg.min_confidence)
         summary.update(pairs=len(prompts), written=len(rows), skipped=len(prompts) - len(rows),
                        p_a_mean=statistics.fmean(v.p) if v.p else None, position_bias=v.position_bias)
+        scorer = getattr(judge, "scorer", None)
+        if isinstance(scorer, EndpointScorer):  # both orders' explanations; ties (p = 1/2) give no row
+            for r in rows:
+                x, y = (r["chosen"], r["rejected"]) if r["judge_p_a"] >= 0.5 else (r["rejected"], r["chosen"])
+                r["judge_explanation_ab"] = scorer.explanations.get(judge.text(r["prompt"], x, y))
+                r["judge_explanation_ba"] = scorer.explanations.get(judge.text(r["prompt"], y, x))
+            summary.update(ties=sum(p == 0.5 for p in v.p), judge_unparsed=scorer.unparsed)
         if a_col == "chosen":
             # the judge agrees with the set's label when it prefers the 'chosen' answer (p > 0.5)
             agree = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in v.p]

@@ -57,6 +57,7 @@ from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_m
 from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
 from rlhfkit.rollout import (MODEL_KEYS, load_online_policy, make_experience, make_reward, reward_columns,
                              sample_max_new_tokens, take_rows)
+from rlhfkit.backends import require_training_backend
 from rlhfkit.utils import logger, seed_everything
 
 
@@ -262,6 +263,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     (replaces ``cfg.rewards``), a list of ``prompts`` (replaces ``cfg.data``) and a loaded
     ``model`` + ``tokenizer`` (replace ``cfg.model``). Returns the summary; the trained policy is
     in ``summary["policy"]`` when called from Python."""
+    require_training_backend(cfg.generation, "ppo")
     reward = make_reward(cfg.rewards, cfg.reward_bias, reward_fn, "ppo")
     seed_everything(cfg.train.seed)  # LoRA / value-head initialisation happens before the Engine seeds
 
@@ -384,6 +386,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
             "ppo/updates": len(update_metrics), "ppo/stopped_early": float(stopped_early),
             "time/generate": ro.times["time/generate"], "time/reward": ro.times["time/reward"] + t_adv - t0,
             "time/reference_value": ro.times["time/no_grad"], "time/update": t_upd - t_adv,
+            **ro.engine_metrics(),
         })
         # engine.step timed the updates; add generation, scoring and the no-grad passes
         engine.end_step(metrics, extra_seconds=sum(ro.times.values()) + t_adv - t0,

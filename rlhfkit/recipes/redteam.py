@@ -78,13 +78,14 @@ def run(cfg: Config, resume: bool = False, red: Optional[ChatFn] = None, target:
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     red_lm = red_tok = None
-    if red is None or (target is None and cfg.model is None):
+    local_target = target is None and cfg.generation.backend != "openai"  # an endpoint needs no local model
+    if (red is None and cfg.red_generation.backend != "openai") or (local_target and cfg.model is None):
         red_lm, red_tok = load_lm(cfg.red_model, cfg.red_adapter_path, cfg.cpu)
     if red is None:
         red = ChatGenerator(red_lm, red_tok, cfg.red_generation, cfg.chat_template, desc="red prompts")
     if target is None:
-        if cfg.model is None and not cfg.lora.enabled:
-            lm, tok = red_lm, red_tok
+        if not local_target or (cfg.model is None and not cfg.lora.enabled):
+            lm, tok = (red_lm, red_tok) if local_target else (None, None)
         else:
             lm, tok = load_lm(cfg.model or cfg.red_model, cfg.lora.adapter_path if cfg.lora.enabled else None, cfg.cpu)
         target = ChatGenerator(lm, tok, cfg.generation, cfg.chat_template, cfg.system_prompt, desc="target answers")
