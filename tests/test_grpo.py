@@ -42,6 +42,7 @@ def make_config(model: str, data: str, out, steps: int = 20, **kw) -> grpo.Confi
         prompts_per_step=4, samples_per_prompt=8, eval=EvalConfig(max_rows=20),
     )
     for k, v in kw.items():
+        assert hasattr(cfg, k), f"no config key {k}"  # a renamed key must not be set silently
         setattr(cfg, k, v)
     cfg.validate()
     return cfg

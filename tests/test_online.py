@@ -36,6 +36,7 @@ def grpo_config(model: str, data: str, out, **kw) -> grpo.Config:
                       rewards=[RewardConfig(kind="token_frequency", token="a")],
                       prompts_per_step=4, samples_per_prompt=4, eval=EvalConfig(max_rows=4))
     for k, v in kw.items():
+        assert hasattr(cfg, k), f"no config key {k}"  # a renamed key must not be set silently
         setattr(cfg, k, v)
     cfg.validate()
     return cfg
@@ -51,6 +52,7 @@ def ppo_config(model: str, data: str, out, **kw) -> ppo.Config:
                      rewards=[RewardConfig(kind="token_frequency", token="a")],
                      rollout_batch_size=8, ppo_epochs=2, kl_coef=0.01, eval=EvalConfig(max_rows=4))
     for k, v in kw.items():
+        assert hasattr(cfg, k), f"no config key {k}"  # a renamed key must not be set silently
         setattr(cfg, k, v)
     cfg.validate()
     return cfg

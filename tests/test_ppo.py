@@ -29,6 +29,7 @@ def config(model, data, out, **kw):
                    rewards=[RewardConfig(kind="python", function="test_ppo:lowercase_share")],
                    rollout_batch_size=16, ppo_epochs=4, kl_coef=0.01)
     for k, v in kw.items():
+        assert hasattr(c, k), f"no config key {k}"  # a renamed key must not be set silently
         setattr(c, k, v)
     return c
 

@@ -13,7 +13,7 @@ by default, any SQLAlchemy URL otherwise), one committed transaction each, befor
 sent. Pairs come from a file (``source=file``), from ``rlhfkit prefs`` output (``source=prefs``,
 keeping the machine's label to measure its agreement with the humans), or are sampled on the fly
 from one or two models (``source=models``). ``export`` writes the ``prompt, chosen, rejected`` rows
-that ``rlhfkit reward`` and ``rlhfkit dpo`` read; ``docs/label.md`` describes policies and schema.
+that ``rlhfkit reward`` and ``rlhfkit dpo`` read; ``docs/commands/label.md`` describes policies and schema.
 """
 from __future__ import annotations
 

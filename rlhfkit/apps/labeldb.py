@@ -1,6 +1,6 @@
 """Storage of the labelling app: SQLAlchemy Core over SQLite (default) or any database URL.
 
-Schema (``rlhfkit label`` creates it; see docs/label.md)::
+Schema (``rlhfkit label`` creates it; see docs/commands/label.md)::
 
     pairs        id PK, key UNIQUE, source, source_row, prompt, completion_a, completion_b,
                  machine_label ('a'|'b'|NULL), gold_label ('a'|'b'|'tie'|'both_bad'|NULL),
