@@ -554,20 +554,15 @@ class _ILQLEngine(Engine):
     def _targets(self) -> nn.Module:
         return self.unwrapped().heads.target_q
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint_extra(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        path = super().save_checkpoint()
-        if self.is_main:
-            state = {k: v.detach().cpu().contiguous() for k, v in self._targets().state_dict().items()}
-            save_file(state, str(path / self.TARGETS))
-        return path
+        state = {k: v.detach().cpu().contiguous() for k, v in self._targets().state_dict().items()}
+        save_file(state, str(folder / self.TARGETS))
 
-    def load_checkpoint(self) -> None:
+    def load_checkpoint_extra(self, ck: Path) -> None:
         from safetensors.torch import load_file
 
-        super().load_checkpoint()
-        ck = sorted((self.out / "checkpoints").glob("step-*[0-9]"))[-1]
         if (ck / self.TARGETS).is_file():
             self._targets().load_state_dict(load_file(str(ck / self.TARGETS)))
         else:
