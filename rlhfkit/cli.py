@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             print_help(command, module.Config, preset)
             return 0
         cfg = load_config(module.Config, config_path, preset + overrides)
+        from rlhfkit.data import check_data
+
+        check_data(cfg)  # a bad data file is reported before any model loads
         module.run(cfg, resume=flags["resume"])
         return 0
     except UserError as e:

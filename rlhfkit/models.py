@@ -33,10 +33,22 @@ def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dty
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def check_local_path(name_or_path: str, path: str) -> None:
+    """A name that can only be a local folder (it starts with ``/``, ``.`` or ``~``, has more than
+    one ``/``, or its first part is an existing folder) must exist: "not found", rather than
+    transformers' complaint that it is not a valid hub repository id."""
+    p = Path(os.path.expanduser(path))
+    looks_local = (path.startswith(("/", ".", "~")) or path.count("/") > 1
+                   or ("/" in path and Path(path.split("/", 1)[0]).is_dir()))
+    if looks_local and not p.exists():
+        raise UserError(f"{name_or_path}: model folder not found")
+
+
 def load_hf_config(name_or_path: str, cfg: Optional[ModelConfig] = None):
     from transformers import AutoConfig
 
     path = assets.resolve(name_or_path)
+    check_local_path(name_or_path, path)
     try:
         return AutoConfig.from_pretrained(
             path, trust_remote_code=bool(cfg and cfg.trust_remote_code), revision=cfg.revision if cfg else None)
@@ -55,6 +67,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = assets.resolve(cfg.tokenizer or cfg.name_or_path)
+    check_local_path(cfg.tokenizer or cfg.name_or_path, path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except OSError as e:
@@ -95,14 +108,41 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: O
         kwargs["num_labels"] = num_labels
     else:
         cls = AutoModelForSeq2SeqLM if is_seq2seq_config(hf_config) else AutoModelForCausalLM
+    fit_max_length(cfg, hf_config)
+    from safetensors import SafetensorError
+
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.name_or_path}: cannot load model ({str(e).splitlines()[0][:200]})") from None
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise UserError(f"{cfg.name_or_path}: weights file is damaged or not safetensors "
+                        f"({str(e).splitlines()[0][:200]}); copy or download the model again") from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device)
+
+
+def position_limit(hf_config) -> Optional[int]:
+    """The longest sequence the model's position embedding covers (None: relative positions, e.g. T5)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_max_length(cfg: ModelConfig, hf_config) -> None:
+    """Lower ``cfg.max_length`` to the model's position limit, with a logged line (a longer row would
+    crash in the position embedding with an IndexError)."""
+    from rlhfkit.utils import logger
+
+    limit = position_limit(hf_config)
+    if limit is not None and cfg.max_length > limit:
+        logger.info(f"model.max_length={cfg.max_length} is above {cfg.name_or_path}'s {limit} positions: "
+                    f"rows are cut to {limit} tokens")
+        cfg.max_length = limit
 
 
 def load_policy(cfg: ModelConfig, lora: Optional[LoraConfig] = None, device: Optional[torch.device] = None):

@@ -14,9 +14,23 @@ from typing import Any, Iterable
 logger = logging.getLogger("rlhfkit")
 
 
+class _ConsoleHandler(logging.Handler):
+    """``[rlhfkit]`` lines on the current ``sys.stderr`` (looked up per line, so a replaced stream is
+    followed), through ``tqdm.write``: a line printed while a progress bar is drawn goes above the
+    bar instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("[rlhfkit] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)

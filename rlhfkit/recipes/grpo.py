@@ -82,7 +82,7 @@ from rlhfkit.config import (
     ConfigError, DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig, TrainConfig,
     UserError, _check_choice, _check_positive,
 )
-from rlhfkit.data import DataStats, StepBatcher, encode_prompt, fit_lengths, load_splits, prompt_examples
+from rlhfkit.data import DataStats, check_some_kept, StepBatcher, encode_prompt, fit_lengths, load_splits, prompt_examples
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import group_advantages, kl_penalty, masked_mean, ppo_policy
 from rlhfkit.models import PolicyModel, build_reference, load_policy, save_pretrained
@@ -261,6 +261,7 @@ def prepare_prompts(table, cfg: Config, tokenizer, seq2seq: bool, stats: DataSta
             items.append(PromptItem(text, fitted[0], row))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long prompts: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(items, stats, cfg.data, room)
     return items
 
 

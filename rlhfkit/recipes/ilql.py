@@ -72,7 +72,7 @@ from rlhfkit.config import (
     from_dict, make_config, validate,
 )
 from rlhfkit.data import (
-    DataStats, Example, StepBatcher, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
+    DataStats, Example, check_some_kept, StepBatcher, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
     load_splits, parse_rows, require_text,
 )
 from rlhfkit.engine import Engine, process_info, total_steps_for
@@ -229,6 +229,7 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer, cfg: DataConfig, max_
             out.append(ScoredExample(fitted[0], fitted[1], s.reward))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long rows: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(out, stats, cfg, max_length)
     return out
 
 

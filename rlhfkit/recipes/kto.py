@@ -49,7 +49,7 @@ import torch
 
 from rlhfkit import losses
 from rlhfkit.config import ConfigError, DataConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig, UserError
-from rlhfkit.data import (DataStats, Example, StepBatcher, Table, collate, encode_completion, encode_prompt,
+from rlhfkit.data import (DataStats, check_some_kept, Example, StepBatcher, Table, collate, encode_completion, encode_prompt,
                           fit_lengths, load_splits, parse_rows, preference_examples, sft_examples)
 from rlhfkit.engine import Engine, process_info, resolve_precision, total_steps_for
 from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
@@ -162,6 +162,7 @@ def tokenize_rows(rows: list[tuple[str, str, bool]], tokenizer, cfg: DataConfig,
             labels.append(label)
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long rows: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(examples, stats, cfg, max_length)
     return examples, labels
 
 

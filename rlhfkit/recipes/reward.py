@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, UserError
-from rlhfkit.data import DataStats, StepBatcher, Table, load_splits, preference_examples
+from rlhfkit.data import DataStats, check_some_kept, StepBatcher, Table, load_splits, preference_examples
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import pairwise_reward
 from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
@@ -221,6 +221,7 @@ def tokenize(texts: list[tuple[str, str, float]], tok, cfg: Config, append_eos: 
         out.append(Pair(c, r, margin))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long pairs: {stats.truncated} cut from the left, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(out, stats, cfg.data, cfg.model.max_length)
     return out
 
 
