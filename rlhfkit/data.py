@@ -157,8 +157,8 @@ def _read_jsonl(p: Path) -> Table:
             except json.JSONDecodeError as e:
                 if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string"):
                     # the line stops inside a value (json names where the open string began): truncated
-                    raise UserError(f"{p}: row {n}: column {len(line.rstrip()) + 1}: the line ends before its "
-                                    f"JSON object does ({e.msg}; truncated?)") from None
+                    raise UserError(f"{p}: row {n}: column {len(line.rstrip()) + 1}: malformed JSON: the line "
+                                    f"ends before its object does ({e.msg}; truncated?)") from None
                 raise UserError(f"{p}: row {n}: column {e.colno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{p}: row {n}: expected a JSON object, got {type(obj).__name__}")

@@ -24,7 +24,7 @@ READ_ERRORS = {
     "latin1.jsonl": ["row 3: column 27: not UTF-8 text (byte 0xe9)"],
     "latin1.json": ["line 17: column 17: not UTF-8 text (byte 0xe9)"],
     "latin1.csv": ["row 3: column 15: not UTF-8 text (byte 0xe9)"],
-    "truncated.jsonl": ["row 4: column 41: the line ends before its JSON object does", "truncated?"],
+    "truncated.jsonl": ["row 4: column 41: malformed JSON: the line ends before its object does", "truncated?"],
     "not_object.jsonl": ["row 2: expected a JSON object, got list"],
     "empty.jsonl": ["no rows"],
     "blank_lines.jsonl": ["no rows"],

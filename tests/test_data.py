@@ -158,7 +158,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     p.write_text(json.dumps(DIALOGSUM[0]) + "\n\n" + '{"id": "train_1", "dialogue": "hi", \n' + json.dumps(DIALOGSUM[2]))
     with pytest.raises(UserError) as e:
         read_table(str(p))
-    assert str(e.value).startswith(f"{p}: row 3: column 36: the line ends before its JSON object does")
+    assert str(e.value).startswith(f"{p}: row 3: column 36: malformed JSON: the line ends before its object does")
     p.write_text(json.dumps(DIALOGSUM[0]) + "\n[1, 2]\n")
     with pytest.raises(UserError, match=r"rows.jsonl: row 2: expected a JSON object, got list"):
         read_table(str(p))
