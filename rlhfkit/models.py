@@ -8,6 +8,7 @@ only when ``model.trust_remote_code`` is set.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -184,7 +185,10 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_name: str = "default"
     task = TaskType.SEQ_2_SEQ_LM if is_seq2seq_config(model.config) else TaskType.CAUSAL_LM
     pcfg = PeftLoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_targets(model, lora))
-    return get_peft_model(model, pcfg, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (its call, not ours)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, pcfg, adapter_name=adapter_name)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -233,6 +237,16 @@ def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     left-padded rows (padding gets 0): (B, T) -> (B, T). Models with absolute position
     embeddings (GPT-2) otherwise depend on the padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword that passes a KV cache to ``model``'s forward and ``generate``: ``cache`` from
+    transformers 5.24 (``past_key_values`` is deprecated there, removed from forward in 5.40 and
+    from generate in 6.0), ``past_key_values`` before it and for models whose forward predates it."""
+    import inspect
+
+    forward = type(unwrap(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -8,6 +8,7 @@ import random
 import resource
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,7 +29,26 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+_SHOWN_WARNINGS: set = set()
+
+
+def _show_warning_once(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the console: each (category, message) once per process, however
+    often a library's warning registry is reset (any ``catch_warnings`` resets it, and a warning
+    raised inside a training loop then repeats every iteration), written above progress bars."""
+    key = (category, str(message))
+    if key in _SHOWN_WARNINGS:
+        return
+    _SHOWN_WARNINGS.add(key)
+    from tqdm import tqdm
+
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=file or sys.stderr)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
+    """``[rlhfkit]`` log lines on stderr, and library warnings shown once each (the console script)."""
+    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):  # not when a test records them
+        warnings.showwarning = _show_warning_once
     if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("[rlhfkit] %(message)s"))
