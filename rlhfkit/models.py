@@ -245,8 +245,12 @@ def cache_kwarg(model: nn.Module) -> str:
     from generate in 6.0), ``past_key_values`` before it and for models whose forward predates it."""
     import inspect
 
-    forward = type(unwrap(model)).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    from transformers import PreTrainedModel
+
+    hf = unwrap(model)
+    if not isinstance(hf, PreTrainedModel):  # a wrapper with its own generate (ILQL's): the model under it
+        hf = next((m for m in hf.modules() if isinstance(m, PreTrainedModel)), hf)
+    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
 
 
 def is_peft(model: nn.Module) -> bool:

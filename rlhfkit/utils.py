@@ -47,8 +47,9 @@ def _show_warning_once(message, category, filename, lineno, file=None, line=None
 
 def setup_logging(level: int = logging.INFO) -> None:
     """``[rlhfkit]`` log lines on stderr, and library warnings shown once each (the console script)."""
-    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):  # not when a test records them
-        warnings.showwarning = _show_warning_once
+    recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__name__", "") != "_showwarnmsg_impl"
+    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None) and not recording:
+        warnings.showwarning = _show_warning_once  # not inside catch_warnings(record=True), e.g. pytest
     if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("[rlhfkit] %(message)s"))
