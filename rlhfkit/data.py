@@ -191,8 +191,10 @@ def _check_csv_quotes(p: Path, text: str) -> None:
     """RFC 4180 quoting: a quote opens a field (a quoted field) or is doubled inside one; a quote
     anywhere else (``Summarize: "hi"``, ``"a"b``) or an unclosed quoted field is a UserError naming
     the row and column. Python's csv module reads those leniently, shifting columns."""
+    import io
+
     in_quotes, open_at = False, (0, 0)
-    for n, line in enumerate(text.splitlines(keepends=True), start=1):
+    for n, line in enumerate(io.StringIO(text, newline=""), start=1):  # lines as csv counts them
         if not in_quotes and '"' not in line:
             continue
         i, field_start = 0, True
