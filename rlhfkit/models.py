@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -181,14 +182,22 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_name: str = "default"
     if lora.adapter_path:
         if not (Path(lora.adapter_path) / "adapter_config.json").is_file():
             raise UserError(f"{lora.adapter_path}: no adapter_config.json (lora.adapter_path must be an adapter folder)")
-        return PeftModel.from_pretrained(model, lora.adapter_path, adapter_name=adapter_name, is_trainable=True)
+        with peft_quiet():
+            return PeftModel.from_pretrained(model, lora.adapter_path, adapter_name=adapter_name, is_trainable=True)
     task = TaskType.SEQ_2_SEQ_LM if is_seq2seq_config(model.config) else TaskType.CAUSAL_LM
     pcfg = PeftLoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_targets(model, lora))
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (its call, not ours)
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_quiet():
         return get_peft_model(model, pcfg, adapter_name=adapter_name)
+
+
+@contextmanager
+def peft_quiet():
+    """Around peft's model wrapping: peft 0.21 reads transformers' deprecated
+    ``is_gradient_checkpointing`` (its call, not ours; transformers 5.25 warns)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -716,7 +725,8 @@ def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig],
         path = ref_cfg.adapter_path or lora.adapter_path
         if not path:
             raise UserError("reference.kind=adapter needs reference.adapter_path or lora.adapter_path")
-        policy.lm.load_adapter(path, adapter_name="reference", is_trainable=False)
+        with peft_quiet():
+            policy.lm.load_adapter(path, adapter_name="reference", is_trainable=False)
         logger.info(f"reference: frozen adapter {path} on the policy's base (two adapters, one base)")
         return Reference("adapter", policy=policy)
     if kind == "disabled_adapter":

@@ -46,7 +46,7 @@ from rlhfkit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, Use
 from rlhfkit.data import DataStats, check_some_kept, StepBatcher, Table, load_splits, preference_examples
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.losses import pairwise_reward
-from rlhfkit.models import (ValueHead, apply_lora, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
+from rlhfkit.models import (ValueHead, apply_lora, peft_quiet, hidden_size, load_hf_config, load_model, load_tokenizer, lora_targets,
                             pick_device, prefix_sharing_supported, prefix_tree, prefix_tree_states, unwrap)
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
 from rlhfkit.utils import atomic_write_json, logger, seed_everything
@@ -161,10 +161,12 @@ def _classifier_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import PeftModel, TaskType, get_peft_model
 
     if lora.adapter_path:
-        return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
+        with peft_quiet():
+            return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
     pcfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_targets(model, lora))
-    return get_peft_model(model, pcfg)
+    with peft_quiet():
+        return get_peft_model(model, pcfg)
 
 
 # ---------------------------------------------------------------------------------------------
