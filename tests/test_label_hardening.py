@@ -58,7 +58,7 @@ FIELDS = {
     "elapsed_ms": st.sampled_from([0, 1.5, 1e300, float("nan"), float("inf"), -1, 2**64]) | json_values,
 }
 judgement_bodies = st.fixed_dictionaries({}, optional=FIELDS)
-SLOW = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @SLOW
