@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             from rlhfkit.distributed import resolve_strategy
 
             resolve_strategy(cfg.train.strategy, command)
+        from rlhfkit.data import check_data
+
+        check_data(cfg)  # a bad data file is reported before any model loads
         module.run(cfg, resume=flags["resume"])
         return 0
     except UserError as e:

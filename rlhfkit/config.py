@@ -46,6 +46,10 @@ class ConfigError(UserError):
 # --------------------------------------------------------------------------------------------
 
 
+MIN_MAX_LENGTH = 16
+"""The smallest ``model.max_length`` accepted: below it every row is cut to (almost) nothing."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -62,7 +66,9 @@ class ModelConfig:
     """Allow code from the model's repository to run. Off unless set here."""
     max_length: int = 512
     """Longest prompt + completion (tokens) the model is given; also the tokenizer's
-    ``model_max_length`` when the tokenizer does not set a smaller one."""
+    ``model_max_length`` when the tokenizer does not set a smaller one. At least 16. Above the
+    model's position limit (``max_position_embeddings`` / ``n_positions`` in its config.json) it is
+    lowered to that limit when the model loads, with a logged line."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
     attn_implementation: Optional[str] = None
@@ -82,7 +88,9 @@ class ModelConfig:
     """dtype the 4-bit weights are dequantised to for each matmul; ``auto``: the model's dtype."""
 
     def validate(self) -> None:
-        _check_positive("model.max_length", self.max_length)
+        if self.max_length is None or self.max_length < MIN_MAX_LENGTH:
+            raise ConfigError(f"model.max_length must be at least {MIN_MAX_LENGTH} tokens (a prompt and a "
+                              f"completion must both fit), got {self.max_length}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("model.load_in_4bit and model.load_in_8bit are both set; choose one")
 
@@ -505,14 +513,41 @@ def load_config(cls: type, path: Optional[str | os.PathLike] = None, overrides: 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of keys, got {type(loaded).__name__}")
         raw = loaded
+    file_raw = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, value = item.split("=", 1)
         set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
-    cfg = from_dict(cls, raw, source=source)
+    try:
+        cfg = from_dict(cls, raw, source=source)
+    except ConfigError:
+        if overrides:
+            _blame_override(cls, file_raw, overrides, source)
+        raise
     validate(cfg)
     return cfg
+
+
+def _blame_override(cls: type, file_raw: dict, overrides: list[str], source: str) -> None:
+    """The config failed to build: when the file alone builds, re-raise the error as the first
+    command-line override's that breaks it (a typo in ``trian.lr=1`` is not the YAML file's)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from_dict(cls, copy.deepcopy(file_raw), source=source)
+        except ConfigError:
+            return  # the file itself is at fault: the original error stands
+        raw = copy.deepcopy(file_raw)
+        for item in overrides:
+            key, value = item.split("=", 1)
+            set_dotted(raw, key.strip(), _parse_override(cls, key.strip(), value))
+            try:
+                from_dict(cls, copy.deepcopy(raw), source=f"override '{item}'")
+            except ConfigError as e:
+                raise ConfigError(str(e)) from None
 
 
 def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = "", base: Any = None):

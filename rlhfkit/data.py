@@ -65,7 +65,53 @@ class DataStats:
 
 
 def read_table(path: str, split: str = "train", subset: Optional[str] = None) -> Table:
-    """Read rows from a local file, a ``save_to_disk`` folder, or a hub dataset name."""
+    """Read rows from a local file, a ``save_to_disk`` folder, or a hub dataset name; no rows at all
+    is an error naming the source."""
+    key = _prefetch_key(path, split, subset)
+    table = _PREFETCHED.pop(key, None) if key else None
+    if table is None:
+        table = _read_any(path, split, subset)
+    else:
+        table = Table([dict(r) for r in table.rows], table.source, list(table.row_numbers))
+    if not table.rows:
+        raise UserError(f"{table.source}: no rows (the file or split is empty)")
+    return table
+
+
+_PREFETCHED: dict[tuple, Table] = {}
+"""Tables read by ``check_data`` before the models load, each handed to the next ``read_table`` of
+the same source (once), so the check costs no second parse."""
+
+
+def _prefetch_key(path: str, split: str, subset: Optional[str]) -> Optional[tuple]:
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        return None
+    st = p.stat()
+    return (str(p.resolve()), split, subset, st.st_size, st.st_mtime_ns)
+
+
+def check_data(cfg: Any) -> None:
+    """Read every local data file a command's config names (each ``DataConfig`` section with a
+    path): a file that is not UTF-8, malformed, empty or matches no ``data.where`` row is reported
+    now, before any model loads, instead of after."""
+    import dataclasses
+
+    _PREFETCHED.clear()
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else []:
+        dc = getattr(cfg, f.name)
+        if not isinstance(dc, DataConfig) or not dc.path:
+            continue
+        for path, split in ((dc.path, dc.split), (dc.eval_path, dc.eval_split or dc.split)):
+            key = _prefetch_key(path, split, dc.subset) if path else None
+            if key is None:
+                continue
+            table = read_table(path, split, dc.subset)
+            select(table, dc.where)
+            _PREFETCHED[key] = table
+
+
+def _read_any(path: str, split: str, subset: Optional[str]) -> Table:
     if not path:
         raise UserError("data.path is empty: give a file, a datasets folder or a hub dataset name")
     p = Path(path)
@@ -87,16 +133,33 @@ def read_table(path: str, split: str = "train", subset: Optional[str] = None) ->
     return _read_hub(path, split, subset)
 
 
+def _decode(p: Path, data: bytes, line_offset: int = 0, unit: str = "row") -> str:
+    """``data`` as UTF-8 text (a leading byte-order mark dropped), or a UserError naming the row
+    (line) and column of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1 + line_offset
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{p}: {unit} {line}: column {col}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        f"save the file as UTF-8") from None
+
+
 def _read_jsonl(p: Path) -> Table:
     rows, numbers = [], []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            line = _decode(p, raw[3:] if n == 1 and raw.startswith(b"\xef\xbb\xbf") else raw, n - 1)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{p}: row {n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string"):
+                    # the line stops inside a value (json names where the open string began): truncated
+                    raise UserError(f"{p}: row {n}: column {len(line.rstrip()) + 1}: malformed JSON: the line "
+                                    f"ends before its object does ({e.msg}; truncated?)") from None
+                raise UserError(f"{p}: row {n}: column {e.colno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{p}: row {n}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
@@ -105,10 +168,13 @@ def _read_jsonl(p: Path) -> Table:
 
 
 def _read_json(p: Path) -> Table:
+    text = _decode(p, p.read_bytes(), unit="line")
+    if not text.strip():
+        return Table([], str(p))
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{p}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+        raise UserError(f"{p}: line {e.lineno}: column {e.colno}: malformed JSON ({e.msg})") from None
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -121,18 +187,72 @@ def _read_json(p: Path) -> Table:
     return Table(obj, str(p))
 
 
+def _check_csv_quotes(p: Path, text: str) -> None:
+    """RFC 4180 quoting: a quote opens a field (a quoted field) or is doubled inside one; a quote
+    anywhere else (``Summarize: "hi"``, ``"a"b``) or an unclosed quoted field is a UserError naming
+    the row and column. Python's csv module reads those leniently, shifting columns."""
+    import io
+
+    in_quotes, open_at = False, (0, 0)
+    for n, line in enumerate(io.StringIO(text, newline=""), start=1):  # lines as csv counts them
+        if not in_quotes and '"' not in line:
+            continue
+        i, field_start = 0, True
+        while i < len(line):
+            c = line[i]
+            if in_quotes:
+                if c == '"':
+                    if line[i + 1: i + 2] == '"':
+                        i += 2
+                        continue
+                    in_quotes = False
+                    if line[i + 1: i + 2] not in (",", "\r", "\n", ""):
+                        opened = f" (the quoted field opened at row {open_at[0]})" if open_at[0] != n else ""
+                        raise UserError(f"{p}: row {n}: column {i + 2}: text after a closing quote{opened}; a "
+                                        f"field holding a quote must be quoted, with the quote doubled")
+            elif c == '"':
+                if not field_start:
+                    raise UserError(f"{p}: row {n}: column {i + 1}: stray quote inside an unquoted field; a field "
+                                    f"holding a quote must be quoted, with the quote doubled")
+                in_quotes, open_at = True, (n, i + 1)
+            field_start = not in_quotes and c in ",\r\n"
+            i += 1
+    if in_quotes:
+        raise UserError(f"{p}: row {open_at[0]}: column {open_at[1]}: this quote is never closed")
+
+
 def _read_csv(p: Path) -> Table:
-    with open(p, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames  # reads the header
+    """Strict CSV (RFC 4180 with a header): a quote inside an unquoted field, text after a closing
+    quote, an unclosed quote or a row with more or fewer fields than the header is an error naming
+    the row (the line on which the record starts), never a row read with shifted columns."""
+    import io
+
+    text = _decode(p, p.read_bytes())
+    _check_csv_quotes(p, text)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return Table([], str(p), [])
+        header = [h.strip() for h in header]
+        if any(not h for h in header) or len(set(header)) != len(header):
+            raise UserError(f"{p}: row 1: the header needs distinct, non-empty column names (got {header})")
         rows, numbers = [], []
-        start = reader.line_num + 1  # a quoted field may span lines: report the record's first line
-        for r in reader:
-            if None in r:
-                raise UserError(f"{p}: row {start}: more fields than the header has")
-            rows.append(dict(r))
+        start = reader.line_num + 1
+        for record in reader:
+            if record == []:  # a blank line
+                start = reader.line_num + 1
+                continue
+            if len(record) != len(header):
+                raise UserError(f"{p}: row {start}: {len(record)} fields, the header has {len(header)} "
+                                f"({', '.join(header)}); quote fields that hold a comma")
+            rows.append(dict(zip(header, record)))
             numbers.append(start)
             start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{p}: row {start}: malformed CSV ({e}); a field holding a quote must be quoted, "
+                        f"with the quote doubled") from None
     return Table(rows, str(p), numbers)
 
 
@@ -440,6 +560,17 @@ def fit_lengths(prompt: list[int], completion: list[int], cfg: DataConfig, max_l
     return prompt[-max_p:], completion[: max(max_c, 1)]
 
 
+def check_some_kept(kept: list, stats: DataStats, cfg: DataConfig, max_length: int) -> None:
+    """A UserError naming the data file when ``data.overlong=drop`` dropped every row (rather than a
+    later "0 training rows are fewer than one batch" that names no file and no cause)."""
+    if not kept and stats.dropped_overlong:
+        raise UserError(
+            f"{cfg.path}: all {stats.dropped_overlong} rows are longer than model.max_length={max_length} (or "
+            f"data.max_prompt_length={cfg.max_prompt_length} / data.max_completion_length="
+            f"{cfg.max_completion_length}) allow, and data.overlong=drop dropped every one; raise the limits or "
+            f"use data.overlong=truncate")
+
+
 @dataclass
 class Example:
     """One tokenized training row. For causal models ``input_ids = prompt + completion``."""
@@ -461,6 +592,7 @@ def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, cfg: DataConfig, max
             out.append(Example(*fitted))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long rows: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(out, stats, cfg, max_length)
     return out
 
 
@@ -659,6 +791,7 @@ def tokenize_preferences(triples: list[tuple[str, str, str]], tokenizer, cfg: Da
         out.append(PairExample(p2, c[: len(kept)], r[: len(kept)]))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long pairs: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(out, stats, cfg, max_length)
     return out
 
 

@@ -462,10 +462,18 @@ class Engine:
         return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically: every file goes into ``step-N.tmp``, is fsynced,
+        and the folder is renamed into place; an existing ``step-N`` is moved aside first and deleted
+        only after the new one is in place, so a kill at any moment leaves an intact newest
+        checkpoint. A second call at the same step (a signal arriving on a checkpoint step) writes
+        nothing. The run's ``config.yaml`` is copied in, to name the key when a resume's config no
+        longer fits the checkpoint."""
         from safetensors.torch import save_file
 
-        self.accelerator.wait_for_everyone()
         final = self.out / "checkpoints" / f"step-{self.step_count:07d}"
+        if getattr(self, "_checkpointed_step", None) == self.step_count:
+            return final
+        self.accelerator.wait_for_everyone()
         tmp = final.with_name(final.name + ".tmp")
         if self.is_main:
             if tmp.exists():
@@ -487,65 +495,125 @@ class Engine:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save({"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            if (self.out / "config.yaml").is_file():
+                shutil.copyfile(self.out / "config.yaml", tmp / "config.yaml")
+            self.save_checkpoint_extra(tmp)
             atomic_write_json(tmp / "state.json", {
                 "step": self.step_count, "samples": self.samples, "tokens": self.tokens,
                 "train_seconds": self.train_seconds, "recipe": self.state, "last_metrics": self.last_metrics})
+            for f in tmp.iterdir():
+                _fsync(f)
+            _fsync(tmp)
+            old = final.with_name(final.name + ".old")
             if final.exists():
-                shutil.rmtree(final)
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
             os.replace(tmp, final)
-            ckpts = sorted((self.out / "checkpoints").glob("step-*[0-9]"))
-            for old in ckpts[: max(0, len(ckpts) - max(self.cfg.keep_checkpoints, 1))]:
+            _fsync(final.parent)
+            if old.exists():
                 shutil.rmtree(old)
+            ckpts = sorted((self.out / "checkpoints").glob("step-*[0-9]"))
+            for stale in ckpts[: max(0, len(ckpts) - max(self.cfg.keep_checkpoints, 1))]:
+                shutil.rmtree(stale)
             logger.info(f"checkpoint written: {final}")
+        self._checkpointed_step = self.step_count
         self.accelerator.wait_for_everyone()
         return final
 
-    def load_checkpoint(self) -> None:
+    def save_checkpoint_extra(self, folder: Path) -> None:
+        """A subclass writes its own extra checkpoint files into ``folder`` (before it is renamed
+        into place) here, and reads them back in ``load_checkpoint_extra``."""
+
+    def load_checkpoint_extra(self, folder: Path) -> None:
+        """Restore what ``save_checkpoint_extra`` wrote into ``folder`` (the checkpoint resumed from)."""
+
+    def _read_checkpoint(self, ck: Path) -> dict:
+        """Every file of checkpoint ``ck`` this process reads itself, loaded (raises if one is
+        missing or unreadable; a UserError if ``ck`` was written under another ``train.strategy``).
+        Sharded (``fsdp``) and DeepSpeed weights are read later by their own loaders."""
         import json
 
         from safetensors.torch import load_file
 
-        ckpts = sorted((self.out / "checkpoints").glob("step-*[0-9]"))
-        if not ckpts:
-            from rlhfkit.config import UserError
+        from rlhfkit.config import UserError
 
+        kinds = {"fsdp": "sharded", "deepspeed": "deepspeed"}
+        wrote = next((k for k, sub in kinds.items() if (ck / sub).is_dir()), "auto/ddp")
+        expect = self.plan["strategy"] if self.plan["strategy"] in kinds else "auto/ddp"
+        if wrote != expect:
+            raise UserError(f"{ck}: written under train.strategy {wrote}, this run uses {expect}; resume with the "
+                            "strategy that wrote it")
+        data = {
+            "scheduler": torch.load(ck / "scheduler.pt", weights_only=True),
+            "rng": torch.load(ck / "rng.pt", weights_only=True),
+            "state": json.loads((ck / "state.json").read_text(encoding="utf-8")),
+        }
+        if expect == "auto/ddp":
+            data["weights"] = load_file(str(ck / "trainable.safetensors"))
+            data["optimizer"] = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
+        return data
+
+    def load_checkpoint(self) -> None:
+        """Resume from the newest intact checkpoint. One whose files do not all load (a truncated
+        safetensors file, a missing state file) is skipped with a warning naming it. Weights that do
+        not fit this model (a config change such as ``lora.enabled``) are an error naming the key."""
+        from rlhfkit.config import UserError
+
+        ckpts = _checkpoint_folders(self.out / "checkpoints")
+        if not ckpts:
             raise UserError(f"{self.out}/checkpoints: no checkpoint to resume from")
-        ck = ckpts[-1]
+        ck, data = None, None
+        for cand in reversed(ckpts):
+            try:
+                data = self._read_checkpoint(cand)
+                ck = cand
+                break
+            except UserError:  # intact, but written under another train.strategy
+                raise
+            except Exception as e:  # safetensors, torch.load, json and OS errors all mean "broken"
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                logger.warning(f"warning: checkpoint {cand} is broken ({type(e).__name__}: {reason}); "
+                               f"trying an older one")
+        if ck is None:
+            raise UserError(f"{self.out}/checkpoints: no intact checkpoint to resume from "
+                            f"({len(ckpts)} broken: {', '.join(c.name for c in ckpts)})")
+        if ck != ckpts[-1]:
+            logger.warning(f"warning: resuming from {ck.name}, not the newest {ckpts[-1].name} (broken)")
         if self.sharded:
             from rlhfkit.distributed import load_shards
 
-            if not (ck / "sharded").is_dir():
-                from rlhfkit.config import UserError
-
-                raise UserError(f"{ck}: not a train.strategy=fsdp checkpoint (no sharded/); resume with the strategy "
-                                "that wrote it")
             load_shards(self.model, self.optimizer, ck / "sharded")
         elif self.plan["strategy"] == "deepspeed":
             self.accelerator.load_state(str(ck / "deepspeed"))
         else:
-            if not (ck / "trainable.safetensors").is_file():
-                from rlhfkit.config import UserError
-
-                raise UserError(f"{ck}: written under another train.strategy (no trainable.safetensors); resume "
-                                "with the strategy that wrote it")
             model = self.unwrapped()
-            weights = load_file(str(ck / "trainable.safetensors"))
-            params = dict(model.named_parameters())
+            weights = data["weights"]
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            bad_shape = [n for n, t in weights.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
+            if set(weights) != set(params) or bad_shape:
+                raise UserError(_mismatch_message(ck, self.out, set(weights), set(params), bad_shape))
             with torch.no_grad():
                 for n, t in weights.items():
                     params[n].copy_(t.to(params[n].device, params[n].dtype))
-            self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu"))
-        self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
-        rng = torch.load(ck / "rng.pt", weights_only=True)
+            try:
+                self.optimizer.load_state_dict(data["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{ck}: optimizer state does not fit this run ({e}); "
+                                f"{_config_diff_hint(ck, self.out)}") from None
+        self.scheduler.load_state_dict(data["scheduler"])
+        rng = data["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        st = json.loads((ck / "state.json").read_text())
+        st = data["state"]
         self.step_count, self.samples, self.tokens = st["step"], st["samples"], st["tokens"]
         self.train_seconds = st["train_seconds"]
         self.last_metrics = st.get("last_metrics", {})
         self.state.clear()
         self.state.update(st["recipe"])
+        self.resumed_from = ck
+        self.load_checkpoint_extra(ck)
         if self.is_main and (self.out / "metrics.jsonl").exists():
             _truncate_metrics(self.out / "metrics.jsonl", self.step_count)
         logger.info(f"resumed from {ck} at step {self.step_count}")
@@ -572,6 +640,68 @@ class Engine:
     def _restore_signals(self) -> None:
         for sig, h in getattr(self, "_old_handlers", {}).items():
             signal.signal(sig, h)
+
+
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """``step-N`` folders, oldest first. A ``step-N.old`` (the previous copy of step N, moved aside
+    while its replacement is renamed in) counts, just below its ``step-N``: a kill between the two
+    renames leaves only it."""
+    import re
+
+    found = []
+    for p in folder.glob("step-*") if folder.is_dir() else []:
+        m = re.fullmatch(r"step-(\d+)(\.old)?", p.name)
+        if m and p.is_dir():
+            found.append(((int(m.group(1)), m.group(2) is None), p))
+    return [p for _, p in sorted(found)]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _config_diff_hint(ck: Path, out: Path) -> str:
+    """Which config keys differ between the checkpoint's run and this one (model/lora keys first)."""
+    import yaml
+
+    try:
+        then = _flat(yaml.safe_load((ck / "config.yaml").read_text(encoding="utf-8")) or {})
+        now = _flat(yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        return "was the model or lora config changed since the checkpoint was written?"
+    ignore = ("train.max_steps", "train.epochs", "train.output_dir", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.progress", "train.log_every")
+    diff = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k) and k not in ignore]
+    diff.sort(key=lambda k: not k.startswith(("lora.", "model.", "value_model", "reward_model")))
+    if not diff:
+        return "was the model or lora config changed since the checkpoint was written?"
+    shown = ", ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in diff[:3])
+    return f"config changed since the checkpoint: {shown}; resume with the run's settings or use a new output_dir"
+
+
+def _mismatch_message(ck: Path, out: Path, saved: set, wanted: set, bad_shape: list) -> str:
+    parts = []
+    if wanted - saved:
+        parts.append(f"{len(wanted - saved)} trainable weights missing (e.g. {sorted(wanted - saved)[0]})")
+    if saved - wanted:
+        parts.append(f"{len(saved - wanted)} unexpected (e.g. {sorted(saved - wanted)[0]})")
+    if bad_shape:
+        parts.append(f"{len(bad_shape)} of another shape (e.g. {bad_shape[0]})")
+    return f"{ck}: the checkpoint does not fit this model ({', '.join(parts)}): {_config_diff_hint(ck, out)}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

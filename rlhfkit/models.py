@@ -8,6 +8,8 @@ only when ``model.trust_remote_code`` is set.
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,10 +40,22 @@ def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dty
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def check_local_path(name_or_path: str, path: str) -> None:
+    """A name that can only be a local folder (it starts with ``/``, ``.`` or ``~``, has more than
+    one ``/``, or its first part is an existing folder) must exist: "not found", rather than
+    transformers' complaint that it is not a valid hub repository id."""
+    p = Path(os.path.expanduser(path))
+    looks_local = (path.startswith(("/", ".", "~")) or path.count("/") > 1
+                   or ("/" in path and Path(path.split("/", 1)[0]).is_dir()))
+    if looks_local and not p.exists():
+        raise UserError(f"{name_or_path}: model folder not found")
+
+
 def load_hf_config(name_or_path: str, cfg: Optional[ModelConfig] = None):
     from transformers import AutoConfig
 
     path = assets.resolve(name_or_path)
+    check_local_path(name_or_path, path)
     try:
         return AutoConfig.from_pretrained(
             path, trust_remote_code=bool(cfg and cfg.trust_remote_code), revision=cfg.revision if cfg else None)
@@ -60,6 +74,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = assets.resolve(cfg.tokenizer or cfg.name_or_path)
+    check_local_path(cfg.tokenizer or cfg.name_or_path, path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except OSError as e:
@@ -134,10 +149,16 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: O
         kwargs["num_labels"] = num_labels
     else:
         cls = AutoModelForSeq2SeqLM if is_seq2seq_config(hf_config) else AutoModelForCausalLM
+    fit_max_length(cfg, hf_config)
+    from safetensors import SafetensorError
+
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.name_or_path}: cannot load model ({str(e).splitlines()[0][:200]})") from None
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise UserError(f"{cfg.name_or_path}: weights file is damaged or not safetensors "
+                        f"({str(e).splitlines()[0][:200]}); copy or download the model again") from None
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -153,6 +174,27 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None, dtype: O
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model if quant is not None else model.to(device)
+
+
+def position_limit(hf_config) -> Optional[int]:
+    """The longest sequence the model's position embedding covers (None: relative positions, e.g. T5)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_max_length(cfg: ModelConfig, hf_config) -> None:
+    """Lower ``cfg.max_length`` to the model's position limit, with a logged line (a longer row would
+    crash in the position embedding with an IndexError)."""
+    from rlhfkit.utils import logger
+
+    limit = position_limit(hf_config)
+    if limit is not None and cfg.max_length > limit:
+        logger.info(f"model.max_length={cfg.max_length} is above {cfg.name_or_path}'s {limit} positions: "
+                    f"rows are cut to {limit} tokens")
+        cfg.max_length = limit
 
 
 def load_policy(cfg: ModelConfig, lora: Optional[LoraConfig] = None, device: Optional[torch.device] = None):
@@ -190,11 +232,22 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_name: str = "default"
     if lora.adapter_path:
         if not (Path(lora.adapter_path) / "adapter_config.json").is_file():
             raise UserError(f"{lora.adapter_path}: no adapter_config.json (lora.adapter_path must be an adapter folder)")
-        return PeftModel.from_pretrained(model, lora.adapter_path, adapter_name=adapter_name, is_trainable=True)
+        with peft_quiet():
+            return PeftModel.from_pretrained(model, lora.adapter_path, adapter_name=adapter_name, is_trainable=True)
     task = TaskType.SEQ_2_SEQ_LM if is_seq2seq_config(model.config) else TaskType.CAUSAL_LM
     pcfg = PeftLoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_targets(model, lora))
-    return get_peft_model(model, pcfg, adapter_name=adapter_name)
+    with peft_quiet():
+        return get_peft_model(model, pcfg, adapter_name=adapter_name)
+
+
+@contextmanager
+def peft_quiet():
+    """Around peft's model wrapping: peft 0.21 reads transformers' deprecated
+    ``is_gradient_checkpointing`` (its call, not ours; transformers 5.25 warns)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -243,6 +296,20 @@ def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     left-padded rows (padding gets 0): (B, T) -> (B, T). Models with absolute position
     embeddings (GPT-2) otherwise depend on the padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword that passes a KV cache to ``model``'s forward and ``generate``: ``cache`` from
+    transformers 5.24 (``past_key_values`` is deprecated there, removed from forward in 5.40 and
+    from generate in 6.0), ``past_key_values`` before it and for models whose forward predates it."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    hf = unwrap(model)
+    if not isinstance(hf, PreTrainedModel):  # a wrapper with its own generate (ILQL's): the model under it
+        hf = next((m for m in hf.modules() if isinstance(m, PreTrainedModel)), hf)
+    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -857,7 +924,8 @@ def build_reference(ref_cfg, model_cfg: ModelConfig, lora: Optional[LoraConfig],
         path = ref_cfg.adapter_path or lora.adapter_path
         if not path:
             raise UserError("reference.kind=adapter needs reference.adapter_path or lora.adapter_path")
-        policy.lm.load_adapter(path, adapter_name="reference", is_trainable=False)
+        with peft_quiet():
+            policy.lm.load_adapter(path, adapter_name="reference", is_trainable=False)
         logger.info(f"reference: frozen adapter {path} on the policy's base (two adapters, one base)")
         return Reference("adapter", policy=policy)
     if kind == "disabled_adapter":

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from rlhfkit.config import ConfigError, GenerationConfig, UserError
 from rlhfkit.data import Example, collate
-from rlhfkit.models import PolicyModel, left_pad_positions, unwrap
+from rlhfkit.models import PolicyModel, cache_kwarg, left_pad_positions, unwrap
 
 
 def generation_kwargs(gen: GenerationConfig, tokenizer, max_new_tokens: Optional[int] = None) -> dict:
@@ -138,8 +138,8 @@ def prefill_shared_prompts(lm: nn.Module, cache, prompt_ids: list[list[int]], in
     ids = inputs["input_ids"][first, :-1]  # (U, P - 1) all but the last prompt token
     mask = inputs["attention_mask"][first, :-1]  # (U, P - 1)
     position_ids = left_pad_positions(mask)  # (U, P - 1)
-    lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
-       logits_to_keep=1)
+    lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+       **{cache_kwarg(lm): cache})
     cache.batch_select_indices(torch.tensor(rows, device=device))  # (U, ...) -> (B, ...)
 
 
@@ -164,7 +164,7 @@ def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: 
     cache = growing_cache(hf, kwargs["max_new_tokens"])
     if cache is not None and isinstance(hf, PreTrainedModel):  # not a wrapper with its own generate (ILQL's)
         prefill_shared_prompts(lm, cache, prompt_ids, inputs)
-    out = lm.generate(**inputs, **kwargs, **({"past_key_values": cache} if cache is not None else {}))
+    out = lm.generate(**inputs, **kwargs, **({cache_kwarg(hf): cache} if cache is not None else {}))
     lm.train(was_training)
     start = 1 if seq2seq else inputs["input_ids"].shape[1]  # seq2seq output starts with decoder_start
     responses = []
@@ -362,7 +362,8 @@ def fit_prompts(table, data_cfg, tokenizer, hf_config, max_length: int, gen: Gen
     """The rows of ``table`` as prompts that fit the model (``prompt_room``): the template (or
     ``prompt`` column) wrapped in the chat template and encoded; longer prompts follow
     ``data.overlong`` (``truncate``: keep the end; ``drop``), both counted in ``stats``."""
-    from rlhfkit.data import DataStats, encode_prompt, fit_lengths, parse_rows, user_prompt, wrap_prompt
+    from rlhfkit.data import (DataStats, check_some_kept, encode_prompt, fit_lengths, parse_rows, user_prompt,
+                              wrap_prompt)
     from rlhfkit.utils import logger
 
     if table is None:
@@ -381,6 +382,7 @@ def fit_prompts(table, data_cfg, tokenizer, hf_config, max_length: int, gen: Gen
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"{table.source}: over-long prompts: {stats.truncated} truncated, {stats.dropped_overlong} dropped "
                     f"(data.overlong={data_cfg.overlong}, room {room} tokens)")
+    check_some_kept(items, stats, data_cfg, max_length)
     return items
 
 

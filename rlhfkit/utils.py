@@ -8,15 +8,50 @@ import random
 import resource
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 logger = logging.getLogger("rlhfkit")
 
 
+class _ConsoleHandler(logging.Handler):
+    """``[rlhfkit]`` lines on the current ``sys.stderr`` (looked up per line, so a replaced stream is
+    followed), through ``tqdm.write``: a line printed while a progress bar is drawn goes above the
+    bar instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+_SHOWN_WARNINGS: set = set()
+
+
+def _show_warning_once(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the console: each (category, message) once per process, however
+    often a library's warning registry is reset (any ``catch_warnings`` resets it, and a warning
+    raised inside a training loop then repeats every iteration), written above progress bars."""
+    key = (category, str(message))
+    if key in _SHOWN_WARNINGS:
+        return
+    _SHOWN_WARNINGS.add(key)
+    from tqdm import tqdm
+
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=file or sys.stderr)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    """``[rlhfkit]`` log lines on stderr, and library warnings shown once each (the console script)."""
+    recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__name__", "") != "_showwarnmsg_impl"
+    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None) and not recording:
+        warnings.showwarning = _show_warning_once  # not inside catch_warnings(record=True), e.g. pytest
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("[rlhfkit] %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)

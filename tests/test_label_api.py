@@ -78,7 +78,7 @@ def test_label_flow_maps_shown_sides_to_source_order_and_resumes(server):
     assert again == nxt["pair"]
     # bob starts at the beginning
     assert client.get("/api/next", params={"annotator": "bob"}).json()["pair"]["id"] == pair["id"]
-    assert client.get("/api/info").json()["annotators"] == ["alice", "bob"]
+    assert client.get("/api/info").json()["annotators"] == ["alice"]  # asking registers nobody; judging does
 
 
 def test_order_is_randomised_per_pair_and_annotator(tmp_path):
@@ -338,7 +338,7 @@ def test_bad_input_names_file_row_and_field(tmp_path):
     with pytest.raises(UserError, match=r"row 1: field 'g' must be a, b, tie"):
         load_pairs(make_cfg(tmp_path, f"path={path}", "columns.gold=g"))
     path.write_text('{"prompt": "p"\n')
-    with pytest.raises(UserError, match=r"bad.jsonl: row 1: malformed JSON"):
+    with pytest.raises(UserError, match=r"bad.jsonl: row 1: column 15: malformed JSON"):
         load_pairs(make_cfg(tmp_path, f"path={path}"))
 
 

@@ -393,7 +393,7 @@ def test_missing_model_folder_is_a_user_error(tmp_path):
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(UserError, match="no_such_model"):
         load_model(ModelConfig(name_or_path=missing), CPU)
-    with pytest.raises(UserError, match="no_such_model: cannot load tokenizer"):
+    with pytest.raises(UserError, match="no_such_model: model folder not found"):
         load_tokenizer(ModelConfig(name_or_path=missing))
     with pytest.raises(UserError, match="no_such_org/no_such_model"):  # a hub name, offline
         load_model(ModelConfig(name_or_path="no_such_org/no_such_model"), CPU)

@@ -313,6 +313,23 @@ def test_python_reward_by_module_name(monkeypatch):
         PythonReward("reward_fns_example")
 
 
+def test_python_reward_from_working_directory_leaves_sys_path_alone(tmp_path, monkeypatch):
+    """A module found only in the working directory imports, and the directory is not left on sys.path."""
+    import sys
+
+    (tmp_path / "cwd_reward_mod_xyz.py").write_text("def f(prompts, completions, **kw):\n    return [7.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    before = list(sys.path)
+    try:
+        fn = PythonReward("cwd_reward_mod_xyz:f")
+        assert fn(["p"], ["c"]) == [7.0]
+        assert sys.path == before
+        assert str(tmp_path) not in sys.path
+    finally:
+        sys.modules.pop("cwd_reward_mod_xyz", None)
+
+
 @pytest.mark.parametrize("function, message", [
     ("wrong_count", "reward 'python:reward_fns_example:wrong_count' returned 3 values for 4 completions"),
     ("returns_nan", "reward 'python:reward_fns_example:returns_nan' returned nan for completion 0"),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rlhfkit.config import GenerationConfig, ModelConfig
-from rlhfkit.models import load_policy
+from rlhfkit.models import cache_kwarg, load_policy
 from rlhfkit import rollout as R
 
 
@@ -80,7 +80,7 @@ def test_growing_cache_generates_what_the_dynamic_cache_does(fixture, reserve, r
         for cache in (None, R.growing_cache(model, reserve)):
             torch.manual_seed(0)
             with torch.inference_mode():
-                outs.append(model.generate(**batch, **kw, **({"past_key_values": cache} if cache is not None else {})))
+                outs.append(model.generate(**batch, **kw, **({cache_kwarg(model): cache} if cache is not None else {})))
             if cache is not None:
                 grown = cache.layers[0]._k.shape[-2]
                 assert grown >= batch["input_ids"].shape[1] + 12 and (reserve == 64 or grown > batch["input_ids"].shape[1] + 1)

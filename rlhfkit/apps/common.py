@@ -103,6 +103,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         from rlhfkit.config import UserError
 
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.listen(128)  # accept connections from now on: the URL is printed before uvicorn starts
     sock.set_inheritable(True)
     return sock
 

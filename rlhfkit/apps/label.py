@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import random
 import re
 import sys
@@ -42,6 +43,11 @@ from rlhfkit.config import (
 )
 
 SUBCOMMANDS = ("serve", "export", "stats")
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body the API reads (a judgement with a 10,000-character note is well under it);
+a larger one is answered 413 as soon as its Content-Length, or its streamed size, passes this."""
+MAX_ID = 2**63 - 1
+"""Largest pair id (SQLite and PostgreSQL integers are 64-bit)."""
 COLUMN_KEYS = ("prompt", "completion_a", "completion_b", "id", "gold")
 CHOICES = ("A", "B", "tie", "both_bad", "skip")
 NAME_RE = re.compile(r"^[\w][\w .@+-]{0,63}$")
@@ -298,6 +304,55 @@ def _annotator(value) -> str:
     return value.strip()
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def read_json_object(request, limit: int = MAX_BODY_BYTES) -> dict:
+    """The request body as a JSON object, read at most ``limit`` bytes far: 413 when the declared
+    Content-Length or the streamed (e.g. chunked) size passes ``limit``; 400 for a body that is not
+    UTF-8 JSON, holds ``NaN``/``Infinity``, an integer of thousands of digits or deep nesting, or is
+    not an object."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise ApiError(400, f"Content-Length: a number of bytes, got {length[:40]!r}")
+        if int(length) > limit:
+            raise ApiError(413, f"body of {int(length)} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks).decode("utf-8"), parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"body must be a JSON object ({e.msg} at character {e.pos})") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "body must be a JSON object in UTF-8") from None
+    except ValueError as e:  # NaN / Infinity, or an integer past Python's digit limit
+        raise ApiError(400, f"body must be a JSON object: {str(e).splitlines()[0][:120]}") from None
+    except RecursionError:
+        raise ApiError(400, "body must be a JSON object: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return body
+
+
+def _text_field(body: dict, key: str, max_chars: int) -> Optional[str]:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > max_chars:
+        raise ApiError(400, f"{key}: text of at most {max_chars} characters, or null")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\\ud800) that JSON allows and UTF-8 cannot store
+        raise ApiError(400, f"{key}: text that is not valid Unicode (a lone surrogate)") from None
+    return v
+
+
 def _rating(body: dict, key: str) -> Optional[int]:
     v = body.get(key)
     if v is None:
@@ -305,6 +360,16 @@ def _rating(body: dict, key: str) -> Optional[int]:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 7:
         raise ApiError(400, f"{key}: a rating is an integer from 1 to 7 or null, got {v!r}")
     return v
+
+
+def _shown_judgement(j: Optional[dict]) -> Optional[dict]:
+    """A stored judgement as the annotator gave it (sides as shown, not in source order)."""
+    if j is None:
+        return None
+    sw = bool(j["swapped"])
+    return {"judgement_id": j["id"], "pair_id": j["pair_id"], "choice": j["pressed"],
+            "rating_A": j["rating_b"] if sw else j["rating_a"], "rating_B": j["rating_a"] if sw else j["rating_b"],
+            "note": j["note"], "elapsed_ms": j["elapsed_ms"], "created_at": j["created_at"]}
 
 
 class LabelApp:
@@ -356,7 +421,8 @@ class LabelApp:
         return SafeJSONResponse(await run_in_threadpool(self._next_for, name))
 
     def _next_for(self, name: str) -> dict:
-        aid = self.store.annotator_id(name)
+        # a read: an annotator who has not judged anything yet is not registered by asking
+        aid = self.store.annotator_id(name, create=False) or 0  # 0: no annotator has it
         per_pair = self.cfg.judgements_per_pair
         pair = self.store.next_pair(aid, per_pair)
         if pair is None and self.sampler is not None:
@@ -379,46 +445,44 @@ class LabelApp:
         from starlette.concurrency import run_in_threadpool
 
         check_token(request, self.token)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
+        body = await read_json_object(request)
         pair_id = body.get("pair_id")
-        if isinstance(pair_id, bool) or not isinstance(pair_id, int):
-            raise ApiError(400, f"pair_id: an integer, got {pair_id!r}")
+        if isinstance(pair_id, bool) or not isinstance(pair_id, int) or not 1 <= pair_id <= MAX_ID:
+            raise ApiError(400, f"pair_id: an integer id from 1 to {MAX_ID}, got {pair_id!r:.60}")
         name = _annotator(body.get("annotator"))
         choice = body.get("choice")
         if choice not in CHOICES:
-            raise ApiError(400, f"choice: one of {', '.join(CHOICES)}, got {choice!r}")
+            raise ApiError(400, f"choice: one of {', '.join(CHOICES)}, got {choice!r:.60}")
         rating_A, rating_B = _rating(body, "rating_A"), _rating(body, "rating_B")
-        note = body.get("note")
-        if note is not None and (not isinstance(note, str) or len(note) > 10000):
-            raise ApiError(400, "note: text of at most 10000 characters, or null")
+        note = _text_field(body, "note", 10000)
         elapsed = body.get("elapsed_ms")
-        if elapsed is not None and (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or elapsed < 0):
-            raise ApiError(400, f"elapsed_ms: a non-negative number, got {elapsed!r}")
+        if elapsed is not None and (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float))
+                                    or not math.isfinite(elapsed) or elapsed < 0):
+            raise ApiError(400, f"elapsed_ms: a non-negative number, got {elapsed!r:.60}")
         swapped = is_swapped(self.cfg.seed, pair_id, name)
         verdict = {"A": "b" if swapped else "a", "B": "a" if swapped else "b"}.get(choice, choice)
         values = {
             "verdict": verdict, "pressed": choice, "swapped": swapped,
             "rating_a": rating_B if swapped else rating_A, "rating_b": rating_A if swapped else rating_B,
             "note": (note or "").strip() or None,
-            "elapsed_ms": None if elapsed is None else int(min(elapsed, 86_400_000)),
+            "elapsed_ms": None if elapsed is None else int(min(elapsed, 86_400_000)),  # at most a day
         }
 
-        def commit_then_next() -> dict:
+        def commit_then_next() -> tuple[int, dict]:
             aid = self.store.annotator_id(name)
             try:
                 jid = self.store.add_judgement(pair_id, aid, **values)
             except UnknownPair:
                 raise ApiError(404, f"unknown pair id {pair_id}") from None
             except AlreadyJudged:
-                raise ApiError(409, f"annotator '{name}' already judged pair {pair_id}") from None
-            return {"ok": True, "judgement_id": jid, **self._next_for(name)}
+                # a retry (e.g. after a lost response): the judgement that is stored, and what is next
+                stored = self.store.get_judgement(pair_id, aid)
+                return 409, {"error": f"annotator '{name}' already judged pair {pair_id}",
+                             "judgement": _shown_judgement(stored), **self._next_for(name)}
+            return 201, {"ok": True, "judgement_id": jid, **self._next_for(name)}
 
-        return SafeJSONResponse(await run_in_threadpool(commit_then_next), status_code=201)
+        status, answer = await run_in_threadpool(commit_then_next)
+        return SafeJSONResponse(answer, status_code=status)
 
     async def undo(self, request):
         """``POST {"annotator": name}``: delete that annotator's last judgement; answer what it was

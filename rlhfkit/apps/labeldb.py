@@ -258,6 +258,13 @@ class LabelStore:
             c.execute(judgements.delete().where(judgements.c.id == row["id"]))
         return dict(row)
 
+    def get_judgement(self, pair_id: int, annotator_id: int) -> Optional[dict]:
+        """The stored judgement of this annotator on this pair, or None."""
+        q = sa.select(judgements).where(judgements.c.pair_id == pair_id, judgements.c.annotator_id == annotator_id)
+        with self.tx() as c:
+            row = c.execute(q).mappings().first()
+        return dict(row) if row else None
+
     def judgement_rows(self) -> list[dict]:
         """Every judgement joined with its annotator's name, in commit order."""
         q = (sa.select(judgements, annotators.c.name.label("annotator"))

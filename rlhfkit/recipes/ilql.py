@@ -74,7 +74,7 @@ from rlhfkit.config import (
     check_best_metric, from_dict, make_config, validate,
 )
 from rlhfkit.data import (
-    DataStats, Example, Table, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
+    DataStats, Example, Table, check_some_kept, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
     parse_rows, require_text,
 )
 from rlhfkit.engine import Engine
@@ -243,6 +243,7 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer, cfg: DataConfig, max_
             out.append(ScoredExample(fitted[0], fitted[1], s.reward))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long rows: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(out, stats, cfg, max_length)
     return out
 
 
@@ -568,20 +569,15 @@ class _ILQLEngine(Engine):
     def _targets(self) -> nn.Module:
         return self.unwrapped().heads.target_q
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint_extra(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        path = super().save_checkpoint()
-        if self.is_main:
-            state = {k: v.detach().cpu().contiguous() for k, v in self._targets().state_dict().items()}
-            save_file(state, str(path / self.TARGETS))
-        return path
+        state = {k: v.detach().cpu().contiguous() for k, v in self._targets().state_dict().items()}
+        save_file(state, str(folder / self.TARGETS))
 
-    def load_checkpoint(self) -> None:
+    def load_checkpoint_extra(self, ck: Path) -> None:
         from safetensors.torch import load_file
 
-        super().load_checkpoint()
-        ck = sorted((self.out / "checkpoints").glob("step-*[0-9]"))[-1]
         if (ck / self.TARGETS).is_file():
             self._targets().load_state_dict(load_file(str(ck / self.TARGETS)))
         else:

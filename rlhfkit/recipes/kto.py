@@ -50,7 +50,7 @@ import torch
 from rlhfkit import losses
 from rlhfkit.config import (ConfigError, DataConfig, EvalConfig, LoraConfig, ModelConfig, ReferenceConfig, TrainConfig,
                             UserError, check_best_metric)
-from rlhfkit.data import (DataStats, Example, Table, collate, encode_completion, encode_prompt, fit_lengths, parse_rows,
+from rlhfkit.data import (DataStats, Example, Table, check_some_kept, collate, encode_completion, encode_prompt, fit_lengths, parse_rows,
                           preference_examples, sft_examples)
 from rlhfkit.engine import resolve_precision
 from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
@@ -162,6 +162,7 @@ def tokenize_rows(rows: list[tuple[str, str, bool]], tokenizer, cfg: DataConfig,
             labels.append(label)
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long rows: {stats.truncated} truncated, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(examples, stats, cfg, max_length)
     return examples, labels
 
 

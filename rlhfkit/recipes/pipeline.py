@@ -137,7 +137,7 @@ def run(cfg: Config, resume: bool = False, overrides: Optional[list[str]] = None
         out = Path(d["train"]["output_dir"] if "train" in d else d["output_dir"])
         outputs[stage.name] = str(out)
         done = out / "summary.json"
-        if done.is_file() and (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text()) == d:
+        if done.is_file() and (out / "config.yaml").is_file() and _same_run(yaml.safe_load((out / "config.yaml").read_text()), d):
             logger.info(f"pipeline: stage '{stage.name}' already finished in {out}; skipped")
             import json
 
@@ -164,3 +164,22 @@ def main(argv: list[str]) -> int:
     cfg = load_config(Config, path)
     run(cfg, resume=flags["resume"], overrides=overrides)
     return 0
+
+
+def _same_run(recorded, requested) -> bool:
+    """Whether a stage's recorded config.yaml is the requested config. A model section's
+    ``max_length`` may be recorded lower: loading the model lowers it to the model's position limit."""
+    if isinstance(recorded, dict) and isinstance(requested, dict):
+        if recorded.keys() != requested.keys():
+            return False
+        for k in recorded:
+            a, b = recorded[k], requested[k]
+            if k == "max_length" and "name_or_path" in recorded and isinstance(a, int) and isinstance(b, int):
+                if a > b:
+                    return False
+            elif not _same_run(a, b):
+                return False
+        return True
+    if isinstance(recorded, list) and isinstance(requested, list):
+        return len(recorded) == len(requested) and all(_same_run(a, b) for a, b in zip(recorded, requested))
+    return recorded == requested

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError, check_best_metric
-from rlhfkit.data import DataStats, Table, preference_examples
+from rlhfkit.data import DataStats, Table, check_some_kept, preference_examples
 from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.losses import pairwise_reward
-from rlhfkit.models import (ValueHead, apply_lora, hidden_size, is_quantized, load_hf_config, load_model, load_tokenizer,
+from rlhfkit.models import (ValueHead, apply_lora, peft_quiet, hidden_size, is_quantized, load_hf_config, load_model, load_tokenizer,
                             lora_targets, merge_dequantized, pick_device, prefix_sharing_supported, prefix_tree,
                             prefix_tree_states, unwrap)
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
@@ -163,10 +163,12 @@ def _classifier_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import PeftModel, TaskType, get_peft_model
 
     if lora.adapter_path:
-        return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
+        with peft_quiet():
+            return PeftModel.from_pretrained(model, lora.adapter_path, is_trainable=True)
     pcfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora_targets(model, lora))
-    return get_peft_model(model, pcfg)
+    with peft_quiet():
+        return get_peft_model(model, pcfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +225,7 @@ def tokenize(texts: list[tuple[str, str, float]], tok, cfg: Config, append_eos: 
         out.append(Pair(c, r, margin))
     if stats.truncated or stats.dropped_overlong:
         logger.info(f"over-long pairs: {stats.truncated} cut from the left, {stats.dropped_overlong} dropped (data.overlong)")
+    check_some_kept(out, stats, cfg.data, cfg.model.max_length)
     return out
 
 

@@ -13,12 +13,12 @@ from typing import Callable
 from rlhfkit.config import ConfigError, UserError
 
 
-
 class PythonReward:
     """A user's function named ``module:function`` (or ``path/to/file.py:function``).
 
     It is imported only when a config names it. A module not found on ``sys.path`` is looked up in
-    the current directory as well (the ``rlhfkit`` console script does not put it on the path).
+    the current directory as well (the ``rlhfkit`` console script does not put it on the path);
+    the directory is on ``sys.path`` only during that import.
     """
 
     def __init__(self, spec: str):
@@ -49,8 +49,13 @@ def load_function(spec: str) -> Callable:
             except ModuleNotFoundError as e:
                 if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
                     raise
+                # the working directory only for this import: restored afterwards so that later
+                # imports (of anything) do not pick up files that happen to sit in it
                 sys.path.insert(0, os.getcwd())
-                module = importlib.import_module(module_name)
+                try:
+                    module = importlib.import_module(module_name)
+                finally:
+                    sys.path.remove(os.getcwd())
     except ImportError as e:
         raise UserError(f"reward function '{spec}': cannot import '{module_name}' ({e})") from None
     fn = getattr(module, attr, None)
