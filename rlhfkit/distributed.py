@@ -23,10 +23,14 @@ with the same code.
   (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and writes a normal Hugging
   Face folder that ``from_pretrained`` loads.
 
-sft, reward, dpo and kto run under ``strategy=fsdp``. Recipes that generate during training
-(ppo, grpo, rloo) refuse it: generation and their no-grad passes call the language model outside
-the sharded root's forward, which needs every module's weights gathered first; ilql refuses it
-too (its target Q heads live outside the Engine's model). See docs/scale.md.
+sft, reward, dpo, kto and ppo run under ``strategy=fsdp``. PPO generates and runs its no-grad
+passes (sampling policy, values, adapter-disabled reference) through the language model inside
+the sharded root, not through the root's forward: :func:`unsharded` gathers the root's own
+weights (embeddings, final norm, LM head, value head) for that stretch, while every block still
+gathers and frees its own weights in its forward; ``generate`` runs with ``synced_gpus`` so every
+process runs the same number of forwards (each is a collective) until all its rows are done.
+grpo and rloo still refuse it (untested); ilql refuses it too (its target Q heads live outside the
+Engine's model). See docs/scale.md.
 
 ``launcher_strategy()`` reads what ``accelerate launch --config_file`` asked for (its environment
 variables), so ``examples/accelerate/*.yaml`` choose DDP, FSDP2 or DeepSpeed ZeRO-2/3.
@@ -34,6 +38,7 @@ variables), so ``examples/accelerate/*.yaml`` choose DDP, FSDP2 or DeepSpeed ZeR
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -42,7 +47,7 @@ from torch import nn
 
 from rlhfkit.config import ConfigError
 
-FSDP_RECIPES = ("sft", "reward", "dpo", "kto")
+FSDP_RECIPES = ("sft", "reward", "dpo", "kto", "ppo")
 """Recipes tested under ``train.strategy=fsdp``; the others refuse it."""
 
 
@@ -102,6 +107,34 @@ def shard(module: nn.Module, device: torch.device, mixed_precision: bool = False
     if frozen:
         module.register_forward_hook(lambda m, _args, _out: m.reshard())
     return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` or a module inside it is sharded by FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextmanager
+def unsharded(root: nn.Module):
+    """Inside the block the FSDP2 ``root``'s own weights (those of no block: embeddings, final
+    norm, LM head, value head) are gathered in full, so a module inside it can run outside the
+    root's forward (generation, no-grad passes); each block still gathers its weights in its own
+    forward and frees them after. The root is initialised first (FSDP2 makes the first module to
+    run forward its root: a block must not be). A collective: every process must enter it. Other
+    modules pass through."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(root, FSDPModule):
+        yield
+        return
+    root._get_fsdp_state()._lazy_init()  # noqa: SLF001 (FSDP2 has no public call for it)
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 def local_numel(module: nn.Module) -> int:
@@ -244,5 +277,5 @@ def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str
 
 
 __all__ = ["FSDP_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm", "configure_deepspeed",
-           "full_state_dict", "launcher_strategy", "load_shards", "local_numel", "resolve_strategy", "save_shards",
-           "shard"]
+           "full_state_dict", "is_sharded", "launcher_strategy", "load_shards", "local_numel", "resolve_strategy", "save_shards",
+           "shard", "unsharded"]

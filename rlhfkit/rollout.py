@@ -61,9 +61,11 @@ def lora_merged(model: nn.Module):
     same function up to float rounding; the unmerge restores the base to within float32 rounding
     (about 1e-7 relative per merge), so an adapter-disabled reference stays the base. Other models,
     and bf16/fp16 bases (whose rounding would drift), pass through unchanged."""
+    from rlhfkit.distributed import is_sharded
+
     lm = _lm(model)
     peft_configs = getattr(lm, "peft_config", None)
-    mergeable = (hasattr(lm, "merge_adapter") and isinstance(peft_configs, dict) and peft_configs
+    mergeable = (hasattr(lm, "merge_adapter") and not is_sharded(lm)  # FSDP2 shards: no in-place merge and isinstance(peft_configs, dict) and peft_configs
                  and all(type(c).__name__ == "LoraConfig" for c in peft_configs.values())
                  and not any(getattr(m, "_disable_adapters", False) or getattr(m, "merged", False)
                              for m in lm.modules())  # inside disable_adapter(), or merged already
@@ -143,15 +145,27 @@ def prefill_shared_prompts(lm: nn.Module, cache, prompt_ids: list[list[int]], in
     cache.batch_select_indices(torch.tensor(rows, device=device))  # (U, ...) -> (B, ...)
 
 
-@torch.inference_mode()
 def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
                  max_new_tokens: Optional[int] = None) -> list[list[int]]:
     """Response token ids for each prompt (cut after the first EOS, which is kept).
 
     Runs under ``torch.inference_mode`` (less per-op bookkeeping than ``no_grad``: ~8% faster
-    decoding of a small model on a CPU); only Python lists leave it."""
+    decoding of a small model on a CPU); only Python lists leave it. A model sharded by FSDP2
+    (``train.strategy=fsdp``; its root's own weights gathered by ``distributed.unsharded``)
+    generates under ``no_grad`` (FSDP2 keeps the gathered-weight buffers it allocates, which must
+    not be inference tensors) with ``synced_gpus``: every block's forward is a collective, so each
+    process runs forwards until every process's rows are done."""
+    from rlhfkit.distributed import is_sharded
+
     if gen.backend != "hf":
         return backend_sample(model, tokenizer, prompt_ids, gen, max_new_tokens).token_ids
+    sharded = is_sharded(_lm(model))
+    with torch.no_grad() if sharded else torch.inference_mode():
+        return _generate_ids(model, tokenizer, prompt_ids, gen, max_new_tokens, sharded)
+
+
+def _generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig,
+                  max_new_tokens: Optional[int], sharded: bool) -> list[list[int]]:
     lm = _lm(model)
     hf = unwrap(lm)
     seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))
@@ -162,8 +176,10 @@ def generate_ids(model: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: 
     lm.eval()
     kwargs = generation_kwargs(gen, tokenizer, max_new_tokens)
     cache = growing_cache(hf, kwargs["max_new_tokens"])
-    if cache is not None and isinstance(hf, PreTrainedModel):  # not a wrapper with its own generate (ILQL's)
-        prefill_shared_prompts(lm, cache, prompt_ids, inputs)
+    if cache is not None and isinstance(hf, PreTrainedModel) and not sharded:  # not ILQL's wrapper; under FSDP2
+        prefill_shared_prompts(lm, cache, prompt_ids, inputs)  # every process must run the same forwards
+    if sharded:
+        kwargs["synced_gpus"] = True
     out = lm.generate(**inputs, **kwargs, **({cache_kwarg(hf): cache} if cache is not None else {}))
     lm.train(was_training)
     start = 1 if seq2seq else inputs["input_ids"].shape[1]  # seq2seq output starts with decoder_start

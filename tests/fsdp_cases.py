@@ -47,7 +47,30 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
                           lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
                                           merge_on_save=True),
                           data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train)
+    if case == "ppo_lora":  # value head on the policy, LoRA, the reference is the base with the adapter disabled
+        from rlhfkit.config import GenerationConfig, RewardConfig
+        from rlhfkit.recipes import ppo
+
+        data = write_jsonl(data_dir / "prompts.jsonl", sft_rows(40))
+        # greedy responses: both runs answer each prompt alike, whichever process owns it; one
+        # minibatch per PPO epoch (train.batch_size = rollout_batch_size) and no whitening (it
+        # would use each process's rows only), so each update's gradient is that of the global batch
+        return ppo.Config(model=ModelConfig(name_or_path=model, max_length=64),
+                          lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                          merge_on_save=True),
+                          data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:",
+                                          chat_template="false", eval_fraction=0.1),
+                          train=train, generation=GenerationConfig(max_new_tokens=6, do_sample=False),
+                          rewards=[RewardConfig(kind="python", function="fsdp_cases:letter_share")],
+                          rollout_batch_size=batch_size, ppo_epochs=2, whiten_advantages=False, kl_coef=0.05,
+                          reward_bias=1.0,  # returns ~1: a loss far from 0, so 1e-5 relative is a real bound
+                          eval_max_rows=2)
     raise ValueError(case)
+
+
+def letter_share(prompts, completions, **columns) -> list[float]:
+    """PPO's reward in the ``ppo_lora`` case: the share of the letter a in the response."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
 
 
 def run(case: str, cfg, resume: bool = False) -> dict:

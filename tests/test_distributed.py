@@ -1,7 +1,9 @@
 """Sharded training (train.strategy=fsdp, FSDP2) with 2 processes on the CPU (torchrun, gloo).
 
-For each case, a 2-process FSDP2 run with 4 rows per process must equal a 1-process run with 8
-rows: the loss of every step to 1e-5 relative, the gathered final model to 1e-5; each process
+For each case (sft, dpo with a separate reference, kto with LoRA, a reward model, and ppo with a
+value head on a LoRA policy whose reference is the adapter-disabled base: generation and the
+no-grad passes run on the sharded model), a 2-process FSDP2 run with 4 rows per process must
+equal a 1-process run with 8 rows: the loss of every step to 1e-5 relative, the gathered final model to 1e-5; each process
 must hold about half of the parameters (its local shards); and a run that one process gets
 SIGTERM in (both stop after step 2 and write the sharded checkpoint), continued with ``--resume``,
 must equal the uninterrupted one.
@@ -21,7 +23,7 @@ from fsdp_cases import STEPS, config, run
 from helpers import trainable_params
 
 ROOT = Path(__file__).resolve().parents[1]
-PORTS = {"sft": 29641, "dpo": 29642, "kto_lora": 29643, "reward": 29644}
+PORTS = {"sft": 29641, "dpo": 29642, "kto_lora": 29643, "reward": 29644, "ppo_lora": 29645}
 
 
 def losses(out: Path) -> list[float]:
@@ -49,7 +51,7 @@ def torchrun(case: str, model: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora", "reward"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora", "reward", "ppo_lora"])
 def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     one = tmp_path / "one"
     run(case, config(case, tiny_llama, tmp_path / "data", one, "auto", 8))
@@ -60,7 +62,7 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     for a, b in zip(fsdp_losses, ref_losses):
         assert abs(a - b) <= 1e-5 * abs(b), (fsdp_losses, ref_losses)
     assert max_rel(trainable_params(two / "full"), trainable_params(one)) < 1e-5
-    if case == "reward":
+    if case in ("reward", "ppo_lora"):  # the value head (PPO's sits on the policy)
         from safetensors.torch import load_file
 
         head = [load_file(str(d / "value_head.safetensors")) for d in (two / "full", one)]
@@ -85,10 +87,10 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     assert max_rel(trainable_params(two / "resumed"), trainable_params(two / "full")) < 1e-6
     assert json.loads((two / "resumed" / "summary.json").read_text())["steps"] == STEPS
 
-    if case in ("sft", "kto_lora"):  # the gathered folder (merged for LoRA) is a normal Hugging Face model
+    if case in ("sft", "kto_lora", "ppo_lora"):  # the gathered folder (merged for LoRA) is a normal HF model
         from transformers import AutoModelForCausalLM
 
-        sub = "merged" if case == "kto_lora" else ""
+        sub = "merged" if case.endswith("_lora") else ""
         model = AutoModelForCausalLM.from_pretrained(two / "full" / sub)
         ref = AutoModelForCausalLM.from_pretrained(one / sub)
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from rlhfkit.config import DataConfig, GenerationConfig, ModelConfig, UserError
 from rlhfkit.data import DataStats, Table, load_splits
+from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine
 from rlhfkit.models import unwrap
 from rlhfkit.rollout import PromptItem, evaluate_prompts, fit_prompts
@@ -61,7 +62,8 @@ class HeldOutEval:
         """Evaluate, log ``eval/<name>``, and keep the best model (``train.best_metric``)."""
         policy = self.engine.unwrapped()
         policy = getattr(policy, "policy", policy)  # PPO's ActorCritic: generate with its policy
-        result = evaluate_prompts(policy, self.tok, self.held, self.reward, self.gen, self.reference, self.chunk)
+        with unsharded(self.engine.model):  # train.strategy=fsdp: the root's weights, outside its forward
+            result = evaluate_prompts(policy, self.tok, self.held, self.reward, self.gen, self.reference, self.chunk)
         if result is not None:
             logged = {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
             self.engine.log(logged)

@@ -52,6 +52,7 @@ from rlhfkit import losses
 from rlhfkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, ReferenceConfig, RewardConfig,
                             EvalConfig, TrainConfig, UserError, check_best_metric, check_live_reference)
 from rlhfkit.data import StepBatcher
+from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, save_pretrained
 from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
@@ -299,8 +300,10 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     moments = RunningMoments(state["moments"])
     logger.info(f"ppo: {len(items)} prompts, {len(held)} held-out; reference: {reference.kind}; "
                 f"value: {'separate critic ' + cfg.value_model if critic else 'head on the policy'}")
+
     def save(out):
-        save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save)
+        save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save,
+                        state_dict=engine.saved_state("policy."))  # gathered weights under fsdp / ZeRO-3
 
     evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference, cfg.eval.batch_size,
                              cfg.eval.every, save=save)
@@ -310,10 +313,11 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     while not engine.done:
         rng = random.Random(cfg.train.seed * 1_000_003 + engine.step_count)  # this iteration's draws
         # ---- experience: responses, scores, no-grad passes ------------------------------------------
-        ro = make_experience(ac.policy, tok, [items[i] for i in batcher.step(engine.step_count)[0]], reward,
-                             cfg.generation, samples_per_prompt=cfg.samples_per_prompt,
-                             max_new_tokens=sample_max_new_tokens(cfg.generation, rng), reference=reference,
-                             critic=ac.critic, chunk=cfg.train.batch_size)
+        with unsharded(engine.model):  # train.strategy=fsdp: the root's weights, for calls past its forward
+            ro = make_experience(ac.policy, tok, [items[i] for i in batcher.step(engine.step_count)[0]], reward,
+                                 cfg.generation, samples_per_prompt=cfg.samples_per_prompt,
+                                 max_new_tokens=sample_max_new_tokens(cfg.generation, rng), reference=reference,
+                                 critic=ac.critic, chunk=cfg.train.batch_size)
         t0 = time.perf_counter()
         cols = slice(ro.response_start, None)  # the response columns: (B, T) -> (B, R), right-padded
         raw_scores = ro.scores  # (B,)
