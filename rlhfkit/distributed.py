@@ -47,8 +47,12 @@ from torch import nn
 
 from rlhfkit.config import ConfigError
 
-FSDP_RECIPES = ("sft", "reward", "dpo", "kto", "ppo")
-"""Recipes tested under ``train.strategy=fsdp``; the others refuse it."""
+FSDP_RECIPES = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "reinforce_pp")
+"""Recipes tested under ``train.strategy=fsdp``; the others (ilql) refuse it."""
+
+ZERO3_RECIPES = ("sft", "reward", "dpo", "kto")
+"""Recipes that run under DeepSpeed ZeRO-3 (the online ones generate outside the engine's forward,
+which is untested under ZeRO-3); the others refuse it."""
 
 
 def block_modules(module: nn.Module) -> list[nn.Module]:
@@ -270,12 +274,12 @@ def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str
     if plan["strategy"] == "fsdp" and command not in FSDP_RECIPES:
         raise ConfigError(f"train.strategy=fsdp is not supported by '{command}' (only {', '.join(FSDP_RECIPES)}); "
                           "use ddp or DeepSpeed ZeRO-2")
-    if plan["strategy"] == "deepspeed" and plan["zero_stage"] == 3 and command not in FSDP_RECIPES:
-        raise ConfigError(f"DeepSpeed ZeRO-3 is not supported by '{command}' (only {', '.join(FSDP_RECIPES)}); "
+    if plan["strategy"] == "deepspeed" and plan["zero_stage"] == 3 and command not in ZERO3_RECIPES:
+        raise ConfigError(f"DeepSpeed ZeRO-3 is not supported by '{command}' (only {', '.join(ZERO3_RECIPES)}); "
                           "use ZeRO-2 (examples/accelerate/zero2.yaml)")
     return plan
 
 
 __all__ = ["FSDP_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm", "configure_deepspeed",
            "full_state_dict", "is_sharded", "launcher_strategy", "load_shards", "local_numel", "resolve_strategy", "save_shards",
-           "shard", "unsharded"]
+           "shard", "unsharded", "ZERO3_RECIPES"]

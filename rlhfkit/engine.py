@@ -367,6 +367,8 @@ class Engine:
             return False
         self.state["best"] = {"step": self.step_count, "value": value}
         self.accelerator.wait_for_everyone()
+        if self.plan["strategy"] in ("fsdp", "deepspeed"):  # save() reads the gathered weights (saved_state)
+            self.gathered = self.full_state_dict()  # a collective: every process takes part
         if self.is_main:
             final = self.out / "best"
             tmp, old = final.with_name("best.tmp"), final.with_name("best.old")
@@ -381,6 +383,7 @@ class Engine:
             if old.exists():
                 shutil.rmtree(old)
             logger.info(f"best {name} {value:.6g} at step {self.step_count}: model saved in {final}")
+        self.gathered = None
         self.accelerator.wait_for_everyone()
         return True
 

@@ -70,6 +70,7 @@ from rlhfkit.config import (
     EvalConfig, _check_choice, _check_positive, check_best_metric, check_live_reference,
 )
 from rlhfkit.data import StepBatcher
+from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, build_reference, save_pretrained
 from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
@@ -221,7 +222,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     engine.extra_summary["data"] = stats.as_dict()
     def save(out):
-        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save)
+        save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save,
+                        state_dict=engine.saved_state("lm."))  # gathered weights under fsdp / ZeRO-3
 
     evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference if cfg.kl_coef > 0 else None,
                              cfg.eval.batch_size, cfg.eval.every, save=save)
@@ -232,11 +234,12 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         it = engine.step_count
         rng = random.Random(cfg.train.seed * 1_000_003 + it)  # this iteration's draws, from (seed, step)
         # 1-2: prompts -> responses -> rewards -> no-grad passes
-        ro = make_experience(engine.unwrapped(), tok, [items[i] for i in batcher.step(it)[0]], reward,
-                             cfg.generation, samples_per_prompt=G,
-                             max_new_tokens=sample_max_new_tokens(cfg.generation, rng),
-                             reference=reference if cfg.kl_coef > 0 else None,
-                             old_logps=updates > 1 or cfg.algorithm == "reinforce_pp", chunk=cfg.train.batch_size)
+        with unsharded(engine.model):  # train.strategy=fsdp: the root's weights, for calls past its forward
+            ro = make_experience(engine.unwrapped(), tok, [items[i] for i in batcher.step(it)[0]], reward,
+                                 cfg.generation, samples_per_prompt=G,
+                                 max_new_tokens=sample_max_new_tokens(cfg.generation, rng),
+                                 reference=reference if cfg.kl_coef > 0 else None,
+                                 old_logps=updates > 1 or cfg.algorithm == "reinforce_pp", chunk=cfg.train.batch_size)
         # 3: advantages
         tensors = {**ro.tensors, "advantages": advantages(ro, cfg)}
         if ro.ref_logps is not None and cfg.algorithm != "reinforce_pp":
