@@ -48,7 +48,7 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
                                           merge_on_save=True),
                           data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train)
     if case == "ppo_lora":  # value head on the policy, LoRA, the reference is the base with the adapter disabled
-        from rlhfkit.config import GenerationConfig, RewardConfig
+        from rlhfkit.config import EvalConfig, GenerationConfig, RewardConfig
         from rlhfkit.recipes import ppo
 
         data = write_jsonl(data_dir / "prompts.jsonl", sft_rows(40))
@@ -64,8 +64,28 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
                           rewards=[RewardConfig(kind="python", function="fsdp_cases:letter_share")],
                           rollout_batch_size=batch_size, ppo_epochs=2, whiten_advantages=False, kl_coef=0.05,
                           reward_bias=1.0,  # returns ~1: a loss far from 0, so 1e-5 relative is a real bound
-                          eval_max_rows=2)
+                          eval=EvalConfig(max_rows=2, batch_size=2))
+    if case == "grpo_lora":  # sampled responses: compared with DDP on the same 2 processes (see SAMPLED)
+        from rlhfkit.config import EvalConfig, GenerationConfig, RewardConfig
+        from rlhfkit.recipes import grpo
+
+        data = write_jsonl(data_dir / "prompts.jsonl", sft_rows(40))
+        return grpo.Config(model=ModelConfig(name_or_path=model, max_length=64),
+                           lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0,
+                                           target_modules=["q_proj", "v_proj"], merge_on_save=True),
+                           data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:",
+                                           chat_template="false", eval_fraction=0.1),
+                           train=train, generation=GenerationConfig(max_new_tokens=6, top_k=0),
+                           rewards=[RewardConfig(kind="python", function="fsdp_cases:letter_share")],
+                           prompts_per_step=batch_size // 2, samples_per_prompt=2, ppo_epochs=2, kl_coef=0.05,
+                           eval=EvalConfig(max_rows=2, batch_size=2))
     raise ValueError(case)
+
+
+SAMPLED = ("grpo_lora",)
+"""Cases that sample their responses: each process draws from its own random stream, so a
+1-process run draws other responses. Their reference is a DDP run on the same 2 processes (same
+streams, the same global batch); tests/scripts/fsdp_run.py writes it to ``ddp/``."""
 
 
 def letter_share(prompts, completions, **columns) -> list[float]:

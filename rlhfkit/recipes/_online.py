@@ -47,6 +47,14 @@ def online_prompts(data: DataConfig, model_cfg: ModelConfig, gen: GenerationConf
     return items, held[:eval_max_rows] if eval_max_rows is not None else held, stats
 
 
+def check_sharded_generation(engine: Engine, gen: GenerationConfig, command: str) -> None:
+    """Under ``train.strategy=fsdp`` the policy generates itself (``generation.backend=hf``): a
+    vLLM engine's weight sync reads whole tensors, not FSDP2 shards."""
+    if engine.sharded and gen.backend != "hf":
+        raise UserError(f"{command}: generation.backend={gen.backend} is not supported with train.strategy=fsdp "
+                        "(its weight sync reads whole tensors, not FSDP2 shards); use generation.backend=hf")
+
+
 class HeldOutEval:
     """Greedy held-out evaluation of an online run (see the module docstring)."""
 

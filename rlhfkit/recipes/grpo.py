@@ -73,7 +73,7 @@ from rlhfkit.data import StepBatcher
 from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, build_reference, save_pretrained
-from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
+from rlhfkit.recipes._online import HeldOutEval, check_sharded_generation, online_eval_metrics, online_prompts
 from rlhfkit.rollout import (MODEL_KEYS, Rollout, load_online_policy, make_experience, make_reward,
                              sample_max_new_tokens, take_rows)
 from rlhfkit.utils import logger, seed_everything
@@ -221,6 +221,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                     resume=resume, updates_per_step=updates)
     engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     engine.extra_summary["data"] = stats.as_dict()
+    check_sharded_generation(engine, cfg.generation, cfg.algorithm)
+
     def save(out):
         save_pretrained(engine.unwrapped().lm, tok, out, merge=cfg.lora.merge_on_save,
                         state_dict=engine.saved_state("lm."))  # gathered weights under fsdp / ZeRO-3

@@ -55,7 +55,7 @@ from rlhfkit.data import StepBatcher
 from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import PolicyModel, build_reference, disable_dropout, load_model, save_pretrained
-from rlhfkit.recipes._online import HeldOutEval, online_eval_metrics, online_prompts
+from rlhfkit.recipes._online import HeldOutEval, check_sharded_generation, online_eval_metrics, online_prompts
 from rlhfkit.rollout import (MODEL_KEYS, load_online_policy, make_experience, make_reward, reward_columns,
                              sample_max_new_tokens, take_rows)
 from rlhfkit.backends import require_training_backend
@@ -294,6 +294,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                     updates_per_step=cfg.ppo_epochs * n_mb,
                     lr_groups={"policy.value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None)
     engine.extra_summary["data"] = stats.as_dict()
+    check_sharded_generation(engine, cfg.generation, "ppo")
     engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     kl_ctl = (losses.AdaptiveKLController(state["kl_coef"], cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else losses.FixedKLController(state["kl_coef"]))
