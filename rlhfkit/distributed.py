@@ -23,14 +23,14 @@ with the same code.
   (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and writes a normal Hugging
   Face folder that ``from_pretrained`` loads.
 
-sft, reward, dpo, kto and ppo run under ``strategy=fsdp``. PPO generates and runs its no-grad
-passes (sampling policy, values, adapter-disabled reference) through the language model inside
-the sharded root, not through the root's forward: :func:`unsharded` gathers the root's own
-weights (embeddings, final norm, LM head, value head) for that stretch, while every block still
-gathers and frees its own weights in its forward; ``generate`` runs with ``synced_gpus`` so every
-process runs the same number of forwards (each is a collective) until all its rows are done.
-grpo and rloo still refuse it (untested); ilql refuses it too (its target Q heads live outside the
-Engine's model). See docs/scale.md.
+sft, reward, dpo, kto, ppo, grpo and rloo run under ``strategy=fsdp``. The online recipes
+generate and run their no-grad passes (sampling policy, values, reference) through the language
+model inside the sharded root, not through the root's forward: :func:`unsharded` gathers the
+root's own weights (embeddings, final norm, LM head, value head) for that stretch, while every
+block still gathers and frees its own weights in its forward; ``generate`` runs with
+``synced_gpus`` so every process runs the same number of forwards (each is a collective) until
+the rows of all processes are done.
+ilql refuses it (its target Q heads live outside the Engine's model). See docs/scale.md.
 
 ``launcher_strategy()`` reads what ``accelerate launch --config_file`` asked for (its environment
 variables), so ``examples/accelerate/*.yaml`` choose DDP, FSDP2 or DeepSpeed ZeRO-2/3.
@@ -280,6 +280,6 @@ def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str
     return plan
 
 
-__all__ = ["FSDP_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm", "configure_deepspeed",
-           "full_state_dict", "is_sharded", "launcher_strategy", "load_shards", "local_numel", "resolve_strategy", "save_shards",
-           "shard", "unsharded", "ZERO3_RECIPES"]
+__all__ = ["FSDP_RECIPES", "ZERO3_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm",
+           "configure_deepspeed", "full_state_dict", "is_sharded", "launcher_strategy", "load_shards", "local_numel",
+           "resolve_strategy", "save_shards", "shard", "unsharded"]

@@ -60,12 +60,13 @@ def lora_merged(model: nn.Module):
     of SmolLM2 + LoRA r16 on a CPU); they are unmerged on the way out. The merged weights give the
     same function up to float rounding; the unmerge restores the base to within float32 rounding
     (about 1e-7 relative per merge), so an adapter-disabled reference stays the base. Other models,
-    and bf16/fp16 bases (whose rounding would drift), pass through unchanged."""
+    bf16/fp16 bases (whose rounding would drift) and FSDP2-sharded ones pass through unchanged."""
     from rlhfkit.distributed import is_sharded
 
     lm = _lm(model)
     peft_configs = getattr(lm, "peft_config", None)
-    mergeable = (hasattr(lm, "merge_adapter") and not is_sharded(lm)  # FSDP2 shards: no in-place merge and isinstance(peft_configs, dict) and peft_configs
+    mergeable = (hasattr(lm, "merge_adapter") and isinstance(peft_configs, dict) and peft_configs
+                 and not is_sharded(lm)  # FSDP2 shards (train.strategy=fsdp): no in-place merge
                  and all(type(c).__name__ == "LoraConfig" for c in peft_configs.values())
                  and not any(getattr(m, "_disable_adapters", False) or getattr(m, "merged", False)
                              for m in lm.modules())  # inside disable_adapter(), or merged already
