@@ -6,6 +6,7 @@ proportional to the gradient, so a wrong gradient shows in the weights.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from helpers import sft_config, sft_rows, write_jsonl
@@ -60,11 +61,13 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
                                           merge_on_save=True),
                           data=DataConfig(path=data, prompt_template="Summarize: {dialogue}\nSummary:",
                                           chat_template="false", eval_fraction=0.1),
-                          train=train, generation=GenerationConfig(max_new_tokens=6, do_sample=False),
+                          # best/ is saved from the gathered shards under fsdp
+                          train=dataclasses.replace(train, best_metric="eval/reward"),
+                          generation=GenerationConfig(max_new_tokens=6, do_sample=False),
                           rewards=[RewardConfig(kind="python", function="fsdp_cases:letter_share")],
                           rollout_batch_size=batch_size, ppo_epochs=2, whiten_advantages=False, kl_coef=0.05,
                           reward_bias=1.0,  # returns ~1: a loss far from 0, so 1e-5 relative is a real bound
-                          eval=EvalConfig(max_rows=2, batch_size=2))
+                          eval=EvalConfig(max_rows=2, batch_size=2, every=1))
     if case == "grpo_lora":  # sampled responses: compared with DDP on the same 2 processes (see SAMPLED)
         from rlhfkit.config import EvalConfig, GenerationConfig, RewardConfig
         from rlhfkit.recipes import grpo

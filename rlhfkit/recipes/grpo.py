@@ -218,7 +218,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
                           cfg.train.group_by_length, world, rank)
     updates = cfg.ppo_epochs * cfg.minibatches
     engine = Engine(cfg.train, cfg.algorithm, cfg, policy, total_steps_for(cfg.train, batcher.steps_per_epoch),
-                    resume=resume, updates_per_step=updates)
+                    resume=resume, updates_per_step=updates, eval_metrics=online_eval_metrics(cfg.rewards))
     engine.prepare_frozen(reference.model)  # a frozen reference copy: on the Engine's device
     engine.extra_summary["data"] = stats.as_dict()
     check_sharded_generation(engine, cfg.generation, cfg.algorithm)

@@ -291,7 +291,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     state: dict = {"kl_coef": cfg.kl_coef, "moments": {}}
     engine = Engine(cfg.train, "ppo", cfg, ActorCritic(policy, critic),
                     total_steps_for(cfg.train, batcher.steps_per_epoch), resume=resume, state=state,
-                    updates_per_step=cfg.ppo_epochs * n_mb,
+                    updates_per_step=cfg.ppo_epochs * n_mb, eval_metrics=online_eval_metrics(cfg.rewards),
                     lr_groups={"policy.value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None)
     engine.extra_summary["data"] = stats.as_dict()
     check_sharded_generation(engine, cfg.generation, "ppo")
