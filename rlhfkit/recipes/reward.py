@@ -358,7 +358,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     def save(out, stats_rm=None):
         stats_rm = stats_rm or reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
-        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg)
+        save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg, state_dict=engine.saved_state())
 
     start, end = train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
     stats_rm = reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
