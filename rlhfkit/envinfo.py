@@ -10,7 +10,6 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional

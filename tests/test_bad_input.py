@@ -101,10 +101,11 @@ def test_every_bad_file_is_covered():
 @pytest.mark.parametrize("command", ["sft", "reward", "dpo", "kto", "grpo"])
 def test_all_rows_overlong_names_the_file_and_the_cause(command, tiny_gpt2, tmp_path, capsys):
     data = BAD / "all_overlong.jsonl"
-    argv = argv_for(command, data, tiny_gpt2, tmp_path) + [
-        "data.overlong=drop", "data.max_prompt_length=8", "data.max_completion_length=8", "model.max_length=32",
-        "generation.max_new_tokens=8"] if command == "grpo" else argv_for(command, data, tiny_gpt2, tmp_path) + [
-        "data.overlong=drop", "data.max_prompt_length=8", "data.max_completion_length=8", "model.max_length=32"]
+    argv = argv_for(command, data, tiny_gpt2, tmp_path) + ["data.overlong=drop", "model.max_length=32"]
+    if command != "reward":  # reward scores whole texts: only model.max_length bounds them
+        argv += ["data.max_prompt_length=8", "data.max_completion_length=8"]
+    if command == "grpo":
+        argv += ["generation.max_new_tokens=8"]
     code, lines = run_cli(argv, capsys)
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith(f"error: {data}: all "), lines

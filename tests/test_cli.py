@@ -113,7 +113,7 @@ def test_demo_and_run_take_flag_overrides(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(pipeline, "run", lambda cfg, resume=False, overrides=(): seen.append((cfg, resume, overrides)) or {})
-    monkeypatch.setattr(demo, "write_report", lambda out, quick: {"toxicity_mean_before": 1, "toxicity_mean_after": 0,
+    monkeypatch.setattr(demo, "write_report", lambda out, quick, seconds=None: {"toxicity_mean_before": 1, "toxicity_mean_after": 0,
                                                                   "mean_improvement_pct": 100})
     assert cli.main(["demo", "--ppo.train.lr", "0.001", f"--output_dir={tmp_path / 'd'}", "--resume"]) == 0
     cfg, resume, overrides = seen[-1]

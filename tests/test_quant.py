@@ -151,8 +151,9 @@ def test_qlora_sft_heldout_loss_falls_and_merged_save_is_dequantised(llama64, tm
     cfg.lora.enabled, cfg.lora.target_modules, cfg.lora.merge_on_save = True, ["all-linear"], True
     summary = sft.run(cfg)
     # as test_sft: from about ln(320) = 5.8 nats, the loss must at least halve
-    assert summary["eval_loss_start"] > 4.0
-    assert summary["eval_loss_end"] < 0.5 * summary["eval_loss_start"], summary
+    start, end = summary["eval_start"]["eval/loss"], summary["eval_end"]["eval/loss"]
+    assert start > 4.0
+    assert end < 0.5 * start, summary
     out = tmp_path / "run"
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     # merged/: plain float weights (no quantization config), computing what the QLoRA model computed
@@ -238,7 +239,7 @@ def test_qlora_reward_model_learns_marker_and_saved_model_reproduces_it(llama64,
     cfg.lora.enabled, cfg.lora.dropout, cfg.lora.target_modules = True, 0.0, ["all-linear"]
     summary = reward.run(cfg)
     # as test_reward_recipe: a random scorer near 0.5 on the held-out pairs, one that found the marker near 1.0
-    assert summary["eval_accuracy_start"] <= 0.75 and summary["eval_accuracy_end"] >= 0.9, summary
+    assert summary["eval_start"]["eval/accuracy"] <= 0.75 and summary["eval_end"]["eval/accuracy"] >= 0.9, summary
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert "quantization_config" not in config  # saved merged into the dequantised base
     check_saved_matches_recipe(cfg, summary)  # RewardModel(output_dir) reproduces the recipe's held-out numbers

@@ -182,12 +182,7 @@ def complete(prompts: list[str], gen: GenerationConfig, max_new_tokens: int, pro
     """Completions of text ``prompts`` (completions endpoint); repeated prompts share a request."""
     groups = _grouped(prompts, lambda p: p)
     bodies = [{"prompt": p, **sampling_body(gen, max_new_tokens, len(rows))} for p, rows in groups.items()]
-    answers = run_requests(gen.openai, "completions", bodies, progress, desc)
-    out = [""] * len(prompts)
-    for rows, texts in zip(groups.values(), answers):
-        for r, t in zip(rows, texts):
-            out[r] = t.strip()
-    return out
+    return _scatter(groups, run_requests(gen.openai, "completions", bodies, progress, desc), len(prompts))
 
 
 def chat(conversations: list[list[dict]], gen: GenerationConfig, max_new_tokens: Optional[int] = None,
@@ -200,8 +195,12 @@ def chat(conversations: list[list[dict]], gen: GenerationConfig, max_new_tokens:
         if response_format is not None:
             body["response_format"] = response_format
         bodies.append(body)
-    answers = run_requests(gen.openai, "chat", bodies, progress, desc)
-    out = [""] * len(conversations)
+    return _scatter(groups, run_requests(gen.openai, "chat", bodies, progress, desc), len(conversations))
+
+
+def _scatter(groups: dict, answers: list[list[str]], n: int) -> list[str]:
+    """The answers of each request (one per row of its group) back in the callers' row order."""
+    out = [""] * n
     for rows, texts in zip(groups.values(), answers):
         for r, t in zip(rows, texts):
             out[r] = t.strip()
