@@ -314,9 +314,9 @@ def engine_clock(clock: list[tuple[float, int]]):
 
     original = Engine.end_step
 
-    def end_step(self, metrics, extra_seconds: float = 0.0):
+    def end_step(self, metrics, extra_seconds: float = 0.0, **kwargs):
         clock.append((now(), self.tokens))
-        return original(self, metrics, extra_seconds)
+        return original(self, metrics, extra_seconds, **kwargs)
 
     Engine.end_step = end_step
     try:

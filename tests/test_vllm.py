@@ -97,6 +97,17 @@ def test_sampling_is_seeded_and_min_tokens_hold(llama32):
     assert all(len(r) == 10 for r in a)  # min_new_tokens = max_new_tokens: no early EOS
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_step_takes(llama32):
+    """64 seeded prompts of ~100 tokens (more than vLLM's 4,096 tokens per scheduler step): vLLM 0.32
+    on a CPU crashed with 'CPU Generator does not use offset' when it prefilled a prompt in chunks."""
+    model, tok = load(llama32)
+    prompts = [" ".join(PROMPTS) * 3 + f" {i}" for i in range(64)]
+    assert sum(len(tok(p)["input_ids"]) for p in prompts) > 4096
+    g = GenerationConfig(max_new_tokens=4, top_k=0, **VLLM)
+    a = generate(model, tok, prompts, g, seed=1, return_ids=True)[1]
+    assert a == generate(model, tok, prompts, g, seed=1, return_ids=True)[1] and all(a)
+
+
 def test_weights_follow_the_policy(llama32):
     """An in-place change of the policy (as an optimizer step) reaches the engine before the next call."""
     model, tok = load(llama32)

@@ -150,6 +150,11 @@ class VLLMEngine:
                       generation_config="vllm", tensor_parallel_size=cfg.tensor_parallel_size,
                       gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
                       enforce_eager=not torch.cuda.is_available(), max_logprobs=0)
+        if not torch.cuda.is_available():
+            # vLLM 0.32's CPU runner cannot rewind a seeded request's generator when it discards the
+            # token of a partly prefilled prompt (chunked prefill: more prompt tokens than one step
+            # takes): "CPU Generator does not use offset". Whole prefills avoid that path.
+            kwargs["enable_chunked_prefill"] = False
         limit = getattr(hf.config, "max_position_embeddings", None)
         tok_max = getattr(tokenizer, "model_max_length", None)  # rlhfkit sets it from model.max_length
         if cfg.max_model_len is not None:
