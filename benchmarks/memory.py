@@ -71,7 +71,7 @@ def measure(setting: str, strategy: str = "auto") -> dict:
 
         tcfg = dataclasses.replace(tcfg, strategy="fsdp", output_dir=os.environ["MEMORY_OUT"], progress=False,
                                    max_steps=1, save_model=False)
-        engine = Engine(tcfg, "memory", tcfg, model, total_steps=1)
+        engine = Engine(tcfg, "sft", tcfg, model, total_steps=1)  # an SFT step: a recipe FSDP serves
         model, optimizer = engine.model, engine.optimizer
     else:
         optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], tcfg)
