@@ -23,14 +23,15 @@ with the same code.
   (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and writes a normal Hugging
   Face folder that ``from_pretrained`` loads.
 
-sft, reward, dpo, kto, ppo, grpo and rloo run under ``strategy=fsdp``. The online recipes
-generate and run their no-grad passes (sampling policy, values, reference) through the language
+Every training recipe (sft, reward, dpo, kto, ppo, grpo, rloo, ilql) runs under
+``strategy=fsdp``. The online recipes (and ilql's decoding) generate and run their no-grad passes (sampling policy, values, reference) through the language
 model inside the sharded root, not through the root's forward: :func:`unsharded` gathers the
 root's own weights (embeddings, final norm, LM head, value head) for that stretch, while every
 block still gathers and frees its own weights in its forward; ``generate`` runs with
 ``synced_gpus`` so every process runs the same number of forwards (each is a collective) until
-the rows of all processes are done.
-ilql refuses it (its target Q heads live outside the Engine's model). See docs/scale.md.
+the rows of all processes are done. ilql shards its Q, target Q and V heads with the root; the
+target heads take no gradient but move (Polyak averaging on each process's shards), so its
+checkpoints hold their shards too (``Engine.CHECKPOINT_FROZEN``). See docs/scale.md.
 
 ``launcher_strategy()`` reads what ``accelerate launch --config_file`` asked for (its environment
 variables), so ``examples/accelerate/*.yaml`` choose DDP, FSDP2 or DeepSpeed ZeRO-2/3.
@@ -46,9 +47,6 @@ import torch
 from torch import nn
 
 from rlhfkit.config import ConfigError
-
-FSDP_RECIPES = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "rloo", "reinforce_pp")
-"""Recipes tested under ``train.strategy=fsdp``; the others (ilql) refuse it."""
 
 ZERO3_RECIPES = ("sft", "reward", "dpo", "kto")
 """Recipes that run under DeepSpeed ZeRO-3 (the online ones generate outside the engine's forward,
@@ -156,27 +154,22 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _trainable_names(model: nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every process writes its shards of the trainable weights and of the optimizer state."""
+def save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, keep: set[str]) -> None:
+    """Every process writes its shards of the weights named in ``keep`` (the trainable ones, see
+    ``Engine.checkpointed``) and of the optimizer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
-    keep = _trainable_names(model)
     dcp.save({"model": {k: v for k, v in msd.items() if k in keep}, "optimizer": osd}, checkpoint_id=str(folder))
 
 
-def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, keep: set[str]) -> None:
     """Read the shards written by :func:`save_shards` into this process's shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
-    keep = _trainable_names(model)
     state = {"model": {k: v for k, v in msd.items() if k in keep}, "optimizer": osd}
     # partial: a trainable weight that never got a gradient (e.g. the unused LM head of a reward
     # model) has no optimizer state in the checkpoint; it keeps the empty state made here
@@ -271,15 +264,12 @@ def resolve_strategy(strategy: str, command: str, env: Optional[Mapping[str, str
         raise ConfigError(f"train.strategy={strategy} contradicts the accelerate config ({launched['strategy']})")
     else:
         plan["strategy"] = strategy
-    if plan["strategy"] == "fsdp" and command not in FSDP_RECIPES:
-        raise ConfigError(f"train.strategy=fsdp is not supported by '{command}' (only {', '.join(FSDP_RECIPES)}); "
-                          "use ddp or DeepSpeed ZeRO-2")
     if plan["strategy"] == "deepspeed" and plan["zero_stage"] == 3 and command not in ZERO3_RECIPES:
         raise ConfigError(f"DeepSpeed ZeRO-3 is not supported by '{command}' (only {', '.join(ZERO3_RECIPES)}); "
                           "use ZeRO-2 (examples/accelerate/zero2.yaml)")
     return plan
 
 
-__all__ = ["FSDP_RECIPES", "ZERO3_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm",
+__all__ = ["ZERO3_RECIPES", "accelerate_config_env", "block_modules", "clip_grad_norm",
            "configure_deepspeed", "full_state_dict", "is_sharded", "launcher_strategy", "load_shards", "local_numel",
            "resolve_strategy", "save_shards", "shard", "unsharded"]

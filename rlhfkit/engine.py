@@ -77,6 +77,10 @@ def make_adamw(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 class Engine:
+    CHECKPOINT_FROZEN: tuple[str, ...] = ()
+    """Name prefixes of parameters that take no gradient but change in training (ILQL's target Q
+    heads, moved by Polyak averaging): checkpoints hold them beside the trainable weights."""
+
     def __init__(self, cfg: TrainConfig, command: str, full_config: Any, model: nn.Module, total_steps: int,
                  resume: bool = False, state: Optional[dict] = None, updates_per_step: int = 1,
                  lr_groups: Optional[dict[str, float]] = None, eval_metrics: Optional[list[str]] = None):
@@ -460,9 +464,13 @@ class Engine:
     # checkpoints: trainable weights (safetensors), optimizer/scheduler/RNG (weights_only load)
     # ----------------------------------------------------------------------------------------
 
+    def checkpointed(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters a checkpoint holds: the trainable ones and those named by ``CHECKPOINT_FROZEN``."""
+        return {n: p for n, p in model.named_parameters()
+                if p.requires_grad or (self.CHECKPOINT_FROZEN and n.startswith(self.CHECKPOINT_FROZEN))}
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        model = self.unwrapped()
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().contiguous() for n, p in self.checkpointed(self.unwrapped()).items()}
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically: every file goes into ``step-N.tmp``, is fsynced,
@@ -486,7 +494,7 @@ class Engine:
             from rlhfkit.distributed import save_shards
 
             self.accelerator.wait_for_everyone()
-            save_shards(self.model, self.optimizer, tmp / "sharded")
+            save_shards(self.model, self.optimizer, tmp / "sharded", set(self.checkpointed(self.model)))
             self.accelerator.wait_for_everyone()
         elif self.plan["strategy"] == "deepspeed":  # ZeRO partitions: accelerate writes DeepSpeed's own checkpoint
             self.accelerator.wait_for_everyone()
@@ -500,7 +508,6 @@ class Engine:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
             if (self.out / "config.yaml").is_file():
                 shutil.copyfile(self.out / "config.yaml", tmp / "config.yaml")
-            self.save_checkpoint_extra(tmp)
             atomic_write_json(tmp / "state.json", {
                 "step": self.step_count, "samples": self.samples, "tokens": self.tokens,
                 "train_seconds": self.train_seconds, "recipe": self.state, "last_metrics": self.last_metrics})
@@ -523,13 +530,6 @@ class Engine:
         self._checkpointed_step = self.step_count
         self.accelerator.wait_for_everyone()
         return final
-
-    def save_checkpoint_extra(self, folder: Path) -> None:
-        """A subclass writes its own extra checkpoint files into ``folder`` (before it is renamed
-        into place) here, and reads them back in ``load_checkpoint_extra``."""
-
-    def load_checkpoint_extra(self, folder: Path) -> None:
-        """Restore what ``save_checkpoint_extra`` wrote into ``folder`` (the checkpoint resumed from)."""
 
     def _read_checkpoint(self, ck: Path) -> dict:
         """Every file of checkpoint ``ck`` this process reads itself, loaded (raises if one is
@@ -586,13 +586,13 @@ class Engine:
         if self.sharded:
             from rlhfkit.distributed import load_shards
 
-            load_shards(self.model, self.optimizer, ck / "sharded")
+            load_shards(self.model, self.optimizer, ck / "sharded", set(self.checkpointed(self.model)))
         elif self.plan["strategy"] == "deepspeed":
             self.accelerator.load_state(str(ck / "deepspeed"))
         else:
             model = self.unwrapped()
             weights = data["weights"]
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            params = self.checkpointed(model)
             bad_shape = [n for n, t in weights.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
             if set(weights) != set(params) or bad_shape:
                 raise UserError(_mismatch_message(ck, self.out, set(weights), set(params), bad_shape))
@@ -616,7 +616,6 @@ class Engine:
         self.state.clear()
         self.state.update(st["recipe"])
         self.resumed_from = ck
-        self.load_checkpoint_extra(ck)
         if self.is_main and (self.out / "metrics.jsonl").exists():
             _truncate_metrics(self.out / "metrics.jsonl", self.step_count)
         logger.info(f"resumed from {ck} at step {self.step_count}")

@@ -56,6 +56,10 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    # bitsandbytes (imported by peft whenever it is installed) looks up a hub kernel for its CPU
+    # 4-bit matmul at import and warns when the hub is unreachable, on every run, quantised or not;
+    # it then uses its own CPU kernel, so the warning says nothing a user can act on
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

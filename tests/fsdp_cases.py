@@ -82,6 +82,20 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
                            rewards=[RewardConfig(kind="python", function="fsdp_cases:letter_share")],
                            prompts_per_step=batch_size // 2, samples_per_prompt=2, ppo_epochs=2, kl_coef=0.05,
                            eval=EvalConfig(max_rows=2, batch_size=2))
+    if case == "ilql":  # Q, target Q and V heads on the root; the moving target heads are checkpointed
+        from rlhfkit.config import EvalConfig, GenerationConfig, RewardConfig
+        from rlhfkit.recipes import ilql
+
+        rows = [{"prompt": f"Summarize: {r['dialogue']}\nSummary:", "output": " " + r["summary"],
+                 "reward": letter_share(None, [r["summary"]])[0]} for r in sft_rows(40)]
+        data = write_jsonl(data_dir / "ilql.jsonl", rows)
+        # greedy decoding of the held-out prompts at the end, on the sharded model (every process
+        # decodes them all: the same tokens as one process)
+        return ilql.Config(model=ModelConfig(name_or_path=model, max_length=64),
+                           data=DataConfig(path=data, eval_fraction=0.1, chat_template="false"), train=train,
+                           tau_target=0.3, generation=GenerationConfig(max_new_tokens=6, do_sample=False),
+                           eval_reward=[RewardConfig(kind="python", function="fsdp_cases:letter_share")],
+                           eval_betas=[0.0, 1.0], eval=EvalConfig(max_rows=4, batch_size=2))
     raise ValueError(case)
 
 

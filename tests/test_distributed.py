@@ -1,8 +1,9 @@
 """Sharded training (train.strategy=fsdp, FSDP2) with 2 processes on the CPU (torchrun, gloo).
 
-For each case (sft, dpo with a separate reference, kto with LoRA, a reward model, and ppo with a
+For each case (sft, dpo with a separate reference, kto with LoRA, a reward model, ppo with a
 value head on a LoRA policy whose reference is the adapter-disabled base: generation and the
-no-grad passes run on the sharded model), a 2-process FSDP2 run with 4 rows per process must
+no-grad passes run on the sharded model, and ilql, whose target Q heads move without gradients
+and are checkpointed beside the trainable weights), a 2-process FSDP2 run with 4 rows per process must
 equal a 1-process run with 8 rows (grpo with LoRA, which samples its responses from each
 process's own random stream, equals DDP on the same 2 processes instead): the loss of every
 step to 1e-5 relative, the gathered final model to 1e-5; each process must hold about half of
@@ -26,7 +27,7 @@ from helpers import trainable_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTS = {"sft": 29641, "dpo": 29642, "kto_lora": 29643, "reward": 29644, "ppo_lora": 29645,
-         "grpo_lora": 29646}
+         "grpo_lora": 29646, "ilql": 29647}
 
 
 def losses(out: Path) -> list[float]:
@@ -54,7 +55,7 @@ def torchrun(case: str, model: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora", "reward", "ppo_lora", "grpo_lora"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "kto_lora", "reward", "ppo_lora", "grpo_lora", "ilql"])
 def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     one = tmp_path / "one"
     if case not in SAMPLED:
@@ -78,6 +79,16 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
 
         head = [load_file(str(d / "value_head.safetensors")) for d in (two / "full", one)]
         assert max_rel(*head) < 1e-5
+    if case == "ilql":  # Q, target Q and V heads; the decoding on the sharded model gives the same rewards
+        from safetensors.torch import load_file
+
+        from rlhfkit.recipes.ilql import HEADS_FILE
+
+        heads = [load_file(str(d / HEADS_FILE)) for d in (two / "full", one, two / "resumed")]
+        assert any(k.startswith("target_q.") for k in heads[0])
+        assert max_rel(heads[0], heads[1]) < 1e-5 and max_rel(heads[2], heads[0]) < 1e-6
+        rewards = [json.loads((d / "summary.json").read_text())["eval_reward"] for d in (two / "full", one)]
+        assert rewards[0] == pytest.approx(rewards[1], abs=1e-9) and set(rewards[0]) == {"beta=0", "beta=1"}
 
     summary = json.loads((two / "full" / "summary.json").read_text())
     assert summary["processes"] == 2

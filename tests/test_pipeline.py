@@ -78,6 +78,26 @@ def test_pipeline_rejects_unknown_stage_reference(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "nope" in r.stderr
 
 
+@pytest.mark.unit
+def test_pipeline_output_dir_override_moves_every_stage(tmp_path, monkeypatch):
+    from rlhfkit.config import ConfigError, from_dict
+    from rlhfkit.recipes import pipeline
+
+    cfg = from_dict(pipeline.Config, {"output_dir": "runs/x", "stages": [{"name": "a", "command": "sft"}]})
+    with pytest.raises(ConfigError, match="must start with a stage name \\(a\\) or be output_dir=FOLDER"):
+        pipeline.run(cfg, overrides=["b.train.lr=1"])
+    seen = []
+
+    def stop(stage, parent, *args):  # record where stage 'a' would write, then stop before training
+        seen.append(parent)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "stage_config", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, overrides=[f"output_dir={tmp_path}/moved"])
+    assert seen == [f"{tmp_path}/moved"]
+
+
 @pytest.mark.learning
 def test_demo_quick(tmp_path):
     r = cli("demo", "--quick", f"output_dir={tmp_path / 'demo'}")

@@ -77,6 +77,7 @@ from rlhfkit.data import (
     DataStats, Example, Table, check_some_kept, build_prompt, collate, encode_completion, encode_prompt, fit_lengths,
     parse_rows, require_text,
 )
+from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine
 from rlhfkit.models import (
     PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, left_pad_positions,
@@ -451,12 +452,19 @@ class ILQLModel(nn.Module):
         beta = self.beta if beta is None else beta
         return decode(self.shifted(beta), tok, prompts, gen, seed=seed)
 
-    def save_pretrained(self, out_dir: Union[str, Path], tokenizer=None, merge: bool = False) -> None:
-        """The LM in Hugging Face format (adapter-only for LoRA) plus ``ilql_heads.safetensors``."""
+    def save_pretrained(self, out_dir: Union[str, Path], tokenizer=None, merge: bool = False,
+                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The LM in Hugging Face format (adapter-only for LoRA) plus ``ilql_heads.safetensors``.
+        ``state_dict``: this model's weights gathered from shards (``lm.*``, ``heads.*``), saved
+        instead of its own tensors."""
         from safetensors.torch import save_file
 
-        save_pretrained(self.lm, tokenizer or self.tokenizer, out_dir, merge=merge)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
+        lm_state = heads = None
+        if state_dict is not None:
+            lm_state = {k[3:]: v for k, v in state_dict.items() if k.startswith("lm.")}
+            heads = {k[6:]: v for k, v in state_dict.items() if k.startswith("heads.")}
+        save_pretrained(self.lm, tokenizer or self.tokenizer, out_dir, merge=merge, state_dict=lm_state)
+        state = {k: v.detach().cpu().contiguous() for k, v in (heads or self.heads.state_dict()).items()}
         save_file(state, str(Path(out_dir) / HEADS_FILE))
         atomic_write_json(Path(out_dir) / HEADS_CONFIG, {**self.heads.spec, "beta": self.beta,
                                                         "generation": dataclasses.asdict(self.generation)})
@@ -561,28 +569,10 @@ def top_samples(examples: list[ScoredExample], fraction: float) -> list[ScoredEx
 
 
 class _ILQLEngine(Engine):
-    """The Engine, whose checkpoints also hold the target Q heads (they take no gradient, so they
-    are not among the trainable weights it saves)."""
+    """The Engine, whose checkpoints also hold the target Q heads: they take no gradient, but move
+    towards the Q heads (``sync_target``), so a resumed run needs them."""
 
-    TARGETS = "ilql_target_q.safetensors"
-
-    def _targets(self) -> nn.Module:
-        return self.unwrapped().heads.target_q
-
-    def save_checkpoint_extra(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self._targets().state_dict().items()}
-        save_file(state, str(folder / self.TARGETS))
-
-    def load_checkpoint_extra(self, ck: Path) -> None:
-        from safetensors.torch import load_file
-
-        if (ck / self.TARGETS).is_file():
-            self._targets().load_state_dict(load_file(str(ck / self.TARGETS)))
-        else:
-            logger.warning(f"{ck}: no {self.TARGETS}; target Q heads restart as copies of the Q heads")
-            self.unwrapped().heads.sync_target(1.0)
+    CHECKPOINT_FROZEN = ("heads.target_q.",)
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
@@ -696,10 +686,10 @@ def train_samples(cfg: Config, model: nn.Module, tok, samples: list[Sample], hel
 
     def save(out: Path) -> None:
         trained = engine.unwrapped()
-        if isinstance(trained, ILQLModel):
-            trained.save_pretrained(out, tok, merge=cfg.lora.merge_on_save)
+        if isinstance(trained, ILQLModel):  # gathered weights under fsdp / ZeRO-3 (saved_state)
+            trained.save_pretrained(out, tok, merge=cfg.lora.merge_on_save, state_dict=engine.saved_state())
         else:
-            save_pretrained(trained.lm, tok, out, merge=cfg.lora.merge_on_save)
+            save_pretrained(trained.lm, tok, out, merge=cfg.lora.merge_on_save, state_dict=engine.saved_state("lm."))
 
     train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
     trained = engine.unwrapped()
@@ -725,7 +715,8 @@ def evaluate_decoding(model: nn.Module, tok, cfg: Config, samples: list[Sample],
     t0 = time.perf_counter()
     for beta in betas:
         shown = model.shifted(beta) if isinstance(model, ILQLModel) else model
-        outs = decode(shown, tok, prompts, cfg.generation, seed=cfg.train.seed)
+        with unsharded(engine.model if engine is not None else model):  # fsdp: the root's weights (heads)
+            outs = decode(shown, tok, prompts, cfg.generation, seed=cfg.train.seed)
         scores = reward(prompts, outs)
         results[f"beta={beta:g}"] = sum(scores) / len(scores)
         rows += [{"beta": beta, "prompt": p, "completion": c, "reward": r} for p, c, r in zip(prompts, outs, scores)]

@@ -1,4 +1,4 @@
-"""``rlhfkit run PIPELINE.yaml [stage.key=value ...]``: several recipes in order, one file.
+"""``rlhfkit run PIPELINE.yaml [output_dir=FOLDER] [stage.key=value ...]``: several recipes in order, one file.
 
 A pipeline file names its stages; each stage is a command (``sft``, ``reward``, ``ppo``, ``dpo``,
 ``prefs``, ``eval``, ...) with its config inline (``config:``) and/or from a file (``file:``).
@@ -15,7 +15,8 @@ can start from the SFT model and score with the reward model::
 Each stage writes into ``<output_dir>/<name>`` unless its config sets ``train.output_dir`` /
 ``output_dir``. A stage whose folder already holds a ``summary.json`` written with the same
 resolved config is skipped on a re-run, so a pipeline stopped half-way resumes where it stopped.
-Overrides on the command line are ``<stage>.<key>=value``.
+Overrides on the command line are ``<stage>.<key>=value``, and ``output_dir=FOLDER`` moves the
+whole pipeline (as ``rlhfkit demo output_dir=...`` does).
 """
 from __future__ import annotations
 
@@ -127,9 +128,13 @@ def run(cfg: Config, resume: bool = False, overrides: Optional[list[str]] = None
     summaries: dict[str, Any] = {}
     by_stage: dict[str, list[str]] = {}
     for item in overrides or []:
+        if item.startswith("output_dir="):  # the pipeline's own folder
+            cfg.output_dir = item.split("=", 1)[1]
+            continue
         name, _, rest = item.partition(".")
         if name not in {s.name for s in cfg.stages}:
-            raise ConfigError(f"override '{item}' must start with a stage name ({', '.join(s.name for s in cfg.stages)})")
+            raise ConfigError(f"override '{item}' must start with a stage name ({', '.join(s.name for s in cfg.stages)}) "
+                              "or be output_dir=FOLDER")
         by_stage.setdefault(name, []).append(rest)
     for stage in cfg.stages:
         scfg, module = stage_config(stage, cfg.output_dir, outputs, by_stage.get(stage.name, []))
@@ -160,7 +165,7 @@ def main(argv: list[str]) -> int:
         print_help("run", Config, intro=__doc__)
         return 0
     if not path:
-        raise UserError("usage: rlhfkit run PIPELINE.yaml [stage.key=value ...]")
+        raise UserError("usage: rlhfkit run PIPELINE.yaml [output_dir=FOLDER] [stage.key=value ...]")
     cfg = load_config(Config, path)
     run(cfg, resume=flags["resume"], overrides=overrides)
     return 0
