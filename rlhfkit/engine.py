@@ -354,11 +354,15 @@ class Engine:
     # evaluate - train - evaluate, and the best model
     # ----------------------------------------------------------------------------------------
 
-    def keep_best(self, metrics: Optional[dict], save: Callable[[Path], None]) -> bool:
+    def keep_best(self, metrics: Optional[dict], save: Callable[..., None],
+                  prepare: Optional[Callable[[], Any]] = None) -> bool:
         """After an evaluation: when ``metrics[train.best_metric]`` beats the best so far
         (``train.best_mode``), save the model with ``save(folder)`` into ``output_dir/best``
         (written beside it, then renamed: never half-written) and remember the step and value
-        (kept in checkpoints; ``best_step`` / ``best_value`` in summary.json). True if it did."""
+        (kept in checkpoints; ``best_step`` / ``best_value`` in summary.json). True if it did.
+        ``save`` runs on the main process only; ``prepare()``, when given, runs first on every
+        process (what needs the sharded model, e.g. the reward model's statistics) and its result
+        is passed on: ``save(folder, prepare())``."""
         name = self.cfg.best_metric
         if name is None or metrics is None:
             return False
@@ -371,6 +375,7 @@ class Engine:
             return False
         self.state["best"] = {"step": self.step_count, "value": value}
         self.accelerator.wait_for_everyone()
+        prepared = (prepare(),) if prepare is not None else ()  # a collective under fsdp
         if self.plan["strategy"] in ("fsdp", "deepspeed"):  # save() reads the gathered weights (saved_state)
             self.gathered = self.full_state_dict()  # a collective: every process takes part
         if self.is_main:
@@ -380,7 +385,7 @@ class Engine:
                 if folder.exists():
                     shutil.rmtree(folder)
             tmp.mkdir(parents=True)
-            save(tmp)
+            save(tmp, *prepared)
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
@@ -392,13 +397,15 @@ class Engine:
         return True
 
     def run_loop(self, step: Callable[[], dict], evaluate: Callable[[], Optional[dict]], every: int,
-                 save: Callable[[Path], None]) -> tuple[Optional[dict], Optional[dict]]:
+                 save: Callable[..., None], prepare: Optional[Callable[[], Any]] = None
+                 ) -> tuple[Optional[dict], Optional[dict]]:
         """The evaluate - train - evaluate loop of the offline recipes.
 
         ``evaluate()`` returns the held-out metrics (None without held-out data), which are logged;
         it runs before the first step (once: the result, ``eval_start``, is kept in checkpoints),
         every ``every`` steps (0: never in between) and after the last step, and ``keep_best`` follows
-        each. ``step()`` does one optimizer step and returns its metrics for ``end_step``.
+        each (with ``save`` and ``prepare``). ``step()`` does one optimizer step and returns its
+        metrics for ``end_step``.
         Returns ``(eval_start, eval_end)``, also written to summary.json."""
         def run_eval() -> Optional[dict]:
             metrics = evaluate()
@@ -407,7 +414,7 @@ class Engine:
                                 "data.eval_split or data.eval_fraction > 0")
             if metrics is not None:
                 self.log(metrics)
-                self.keep_best(metrics, save)
+                self.keep_best(metrics, save, prepare)
             return metrics
 
         if "eval_start" not in self.state:

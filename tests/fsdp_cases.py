@@ -38,8 +38,10 @@ def config(case: str, model: str, data_dir: Path, out: Path, strategy: str, batc
         from rlhfkit.recipes import reward
 
         data = write_jsonl(data_dir / "prefs.jsonl", preference_rows(48))
+        # best/ (with its reward statistics, a forward of the sharded model) is saved under fsdp
         return reward.Config(model=ModelConfig(name_or_path=model, max_length=64),
-                             data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"), train=train)
+                             data=DataConfig(path=data, eval_fraction=1 / 6, chat_template="false"),
+                             train=dataclasses.replace(train, best_metric="eval/loss", best_mode="min"))
     if case == "kto_lora":  # LoRA, the reference is the base with the adapter disabled
         from rlhfkit.recipes import kto
 

@@ -72,8 +72,12 @@ def test_fsdp_two_processes_equal_one_process(case, tiny_llama, tmp_path):
     for a, b in zip(fsdp_losses, ref_losses):
         assert abs(a - b) <= 1e-5 * max(abs(b), floor), (fsdp_losses, ref_losses)
     assert max_rel(trainable_params(two / "full"), trainable_params(one)) < 1e-5
-    if case == "ppo_lora":  # train.best_metric: best/ is saved from the gathered shards
+    if case in ("ppo_lora", "reward"):  # train.best_metric: best/ is saved from the gathered shards
         assert max_rel(trainable_params(two / "full" / "best"), trainable_params(one / "best")) < 1e-5
+    if case == "reward":  # ... with the reward statistics of the sharded model, as one process computes them
+        stats = [json.loads((d / "best" / "reward_stats.json").read_text()) for d in (two / "full", one)]
+        assert stats[0]["mean"] == pytest.approx(stats[1]["mean"], rel=1e-5, abs=1e-6)
+        assert stats[0]["std"] == pytest.approx(stats[1]["std"], rel=1e-5)
     if case in ("reward", "ppo_lora"):  # the value head (PPO's sits on the policy)
         from safetensors.torch import load_file
 

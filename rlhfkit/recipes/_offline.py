@@ -54,10 +54,12 @@ def make_engine(cfg: Any, command: str, model: nn.Module, lengths: Sequence[int]
 
 
 def train_and_evaluate(engine: Engine, batcher: StepBatcher, cfg: Any, train_step: Callable[[list[list[int]]], dict],
-                       evaluate: Callable[[], Optional[dict]], save: Callable) -> tuple[Optional[dict], Optional[dict]]:
+                       evaluate: Callable[[], Optional[dict]], save: Callable,
+                       prepare: Optional[Callable] = None) -> tuple[Optional[dict], Optional[dict]]:
     """``Engine.run_loop`` with one step = ``train_step(batcher.step(step))`` (the micro-batches'
     row indices)."""
-    return engine.run_loop(lambda: train_step(batcher.step(engine.step_count)), evaluate, cfg.eval.every, save)
+    return engine.run_loop(lambda: train_step(batcher.step(engine.step_count)), evaluate, cfg.eval.every, save,
+                           prepare)
 
 
 __all__ = ["OfflineData", "load_data", "make_engine", "train_and_evaluate"]

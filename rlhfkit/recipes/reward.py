@@ -356,12 +356,14 @@ def run(cfg: Config, resume: bool = False) -> dict:
             return None
         return heldout_metrics(engine.unwrapped(), held, tok.pad_token_id, cfg.eval.batch_size)
 
-    def save(out, stats_rm=None):
-        stats_rm = stats_rm or reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
+    def stats() -> dict[str, float]:  # every process: a forward of the (sharded) model
+        return reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
+
+    def save(out, stats_rm):
         save_reward_model(engine.unwrapped(), tok, out, stats_rm, cfg, state_dict=engine.saved_state())
 
-    start, end = train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save)
-    stats_rm = reward_stats(engine.unwrapped(), train, tok.pad_token_id, cfg.eval.batch_size)
+    start, end = train_and_evaluate(engine, batcher, cfg, train_step, evaluate, save, prepare=stats)
+    stats_rm = stats()
     extra: dict = {"pairs": engine.samples * engine.world_size // 2, "reward_mean": stats_rm["mean"],
                    "reward_std": stats_rm["std"]}
     if start is not None and end is not None:
