@@ -24,8 +24,9 @@ with the same code.
   Face folder that ``from_pretrained`` loads.
 
 Every training recipe (sft, reward, dpo, kto, ppo, grpo, rloo, ilql) runs under
-``strategy=fsdp``. The online recipes (and ilql's decoding) generate and run their no-grad passes (sampling policy, values, reference) through the language
-model inside the sharded root, not through the root's forward: :func:`unsharded` gathers the
+``strategy=fsdp``. The online recipes (and ilql's decoding) generate and run their no-grad passes
+(sampling policy, values, reference) through the language model inside the sharded root, not
+through the root's forward: :func:`unsharded` gathers the
 root's own weights (embeddings, final norm, LM head, value head) for that stretch, while every
 block still gathers and frees its own weights in its forward; ``generate`` runs with
 ``synced_gpus`` so every process runs the same number of forwards (each is a collective) until
