@@ -3,9 +3,9 @@
 For each case (sft, dpo with a separate reference, kto with LoRA, a reward model, ppo with a
 value head on a LoRA policy whose reference is the adapter-disabled base: generation and the
 no-grad passes run on the sharded model, and ilql, whose target Q heads move without gradients
-and are checkpointed beside the trainable weights), a 2-process FSDP2 run with 4 rows per process must
-equal a 1-process run with 8 rows (grpo with LoRA, which samples its responses from each
-process's own random stream, equals DDP on the same 2 processes instead): the loss of every
+and are checkpointed beside the trainable weights), a 2-process FSDP2 run with 4 rows per
+process must equal a 1-process run with 8 rows (grpo with LoRA, which samples its responses
+from each process's own random stream, equals DDP on the same 2 processes instead): the loss of every
 step to 1e-5 relative, the gathered final model to 1e-5; each process must hold about half of
 the parameters (its local shards); and a run that one process gets SIGTERM in (both stop after
 step 2 and write the sharded checkpoint), continued with ``--resume``, must equal the

@@ -34,7 +34,7 @@ def test_summarize_pipeline_on_tiny_models_skips_finished_stages(tiny_llama, tin
             "eval.data.max_rows=5", "eval.generation.max_new_tokens=6", "eval.samples_per_prompt=2",
             "eval.data.max_prompt_length=200", "eval.bootstrap_resamples=100", "eval.progress=false",
             f"output_dir={tmp_path / 'pipe'}"]
-    # output_dir is a pipeline key, not a stage override: pass it through a copy of the file
+    # a copy of the file with absolute data paths (the CLI runs in another folder)
     cfg = yaml.safe_load((ROOT / "examples/summarize_from_feedback.yaml").read_text())
     cfg["output_dir"] = str(tmp_path / "pipe")
     for stage in cfg["stages"]:
