@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.utils import setup_logging
 
     setup_logging()
+    clean = False  # set once the command returned on this process
     try:
         if command not in COMMANDS:
             import difflib
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         module_name, preset = COMMANDS[command]
         module = importlib.import_module(module_name)
         if hasattr(module, "main"):
-            return int(module.main(rest) or 0)
+            code = int(module.main(rest) or 0)
+            clean = code == 0
+            return code
         config_path, overrides, flags = parse_args(rest)
         if flags["help"]:
             print_help(command, module.Config, preset, getattr(module, "HELP", None))
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_data(cfg)  # a bad data file is reported before any model loads
         module.run(cfg, resume=flags["resume"])
+        clean = True
         return 0
     except UserError as e:
         if debug:
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a run under torchrun / accelerate launch
+            from rlhfkit.distributed import close_process_group
+
+            close_process_group(clean)
 
 
 if __name__ == "__main__":

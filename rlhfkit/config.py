@@ -417,9 +417,10 @@ class GenerationConfig:
 @dataclass
 class RewardConfig:
     kind: Literal["classifier", "reward_model", "toxicity", "sentiment", "label_match", "length", "gibberish",
-                  "reference_normalized", "token_frequency", "python"] = "toxicity"
+                  "copy", "reference_normalized", "token_frequency", "python"] = "toxicity"
     """Reward function: ``classifier``, ``reward_model``, ``toxicity``, ``sentiment``,
-    ``label_match``, ``length``, ``gibberish``, ``reference_normalized``, ``token_frequency``, or
+    ``label_match``, ``length``, ``gibberish``, ``copy`` (minus the share of the completion's word
+    n-grams copied verbatim from the prompt), ``reference_normalized``, ``token_frequency``, or
     ``python``. Several rewards in a list are summed with their weights (the composite reward)."""
     weight: float = 1.0
     """Weight in the composite sum."""
@@ -452,6 +453,8 @@ class RewardConfig:
     """``reference_normalized``: the reward config (same keys as this section) of the inner reward."""
     normalize: bool = False
     """``reward_model``: standardise scores with the mean/std saved by ``rlhfkit reward``."""
+    ngram: int = 4
+    """``copy``: the word n-gram size (as ``rlhfkit eval``'s ``copy_ngram``)."""
     token: Optional[str] = None
     """``token_frequency``: the string whose frequency (per word) is rewarded (a test reward)."""
     function: Optional[str] = None

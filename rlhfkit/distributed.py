@@ -189,6 +189,21 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     return float(norm)
 
 
+def close_process_group(clean: bool) -> None:
+    """Destroy the default process group (if one was made) before the interpreter exits, so gloo's
+    and NCCL's threads are joined while Python still runs: left to interpreter exit they can abort
+    a finished process (``terminate called without an active exception``, SIGABRT), which the
+    launcher reports as a failed run. After a ``clean`` run every process first waits for the
+    others, so none tears down while another still talks to it; after an error nobody waits."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def configure_deepspeed(accelerator, cfg) -> None:
     """Fill the DeepSpeed config values that accelerate would take from a dataloader: the Engine
     feeds its own micro-batches (``train.batch_size`` rows each) and marks the accumulation

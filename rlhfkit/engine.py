@@ -271,8 +271,7 @@ class Engine:
             self.save_checkpoint()
             code = 130 if self._signal == signal.SIGINT else 143
             self.close_bar()
-            if self.cfg.report_to:
-                self.accelerator.end_training()
+            self.end_trackers()
             raise Interrupted(code)
 
     def log(self, metrics: dict) -> None:
@@ -288,6 +287,13 @@ class Engine:
             values = {k: v for k, v in line.items()
                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.accelerator.log(values, step=line["step"])
+
+    def end_trackers(self) -> None:
+        """Close the trackers (``train.report_to``). Not ``accelerator.end_training()``, which also
+        destroys the process group that a later stage in this process (``rlhfkit run``) still needs;
+        the CLI destroys it on the way out (``distributed.close_process_group``)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def log_table(self, name: str, rows: list[dict]) -> None:
         """Log ``rows`` (e.g. evaluation samples) as one table to the trackers that have tables (wandb)."""
@@ -345,8 +351,7 @@ class Engine:
                                    "frozen_parameters_per_process": [h[1] for h in held]}
         if self.is_main:
             atomic_write_json(self.out / "summary.json", summary)
-        if self.cfg.report_to:
-            self.accelerator.end_training()
+        self.end_trackers()
         self._restore_signals()
         return summary
 

@@ -165,6 +165,18 @@ def test_length_target_range():
         Length(min_words=10, max_words=5)
 
 
+def test_copy_reward_is_minus_the_copied_ngram_share():
+    prompt = "He said: I hope that you die, you fool."
+    fn = build_reward([{"kind": "copy", "ngram": 4}])
+    # 5 words -> 2 four-grams, both in the prompt; 6 words -> 3, of which "that you die now" is not;
+    # a 3-word answer has no 4-gram; nothing quoted
+    answers = ["I hope that you die.", "i HOPE that you die now", "you fool!", "Please be kind to others."]
+    assert fn.score([prompt] * 4, answers)[0] == pytest.approx([-1.0, -2 / 3, 0.0, 0.0])
+    assert build_reward([{"kind": "copy", "ngram": 2}])([prompt], ["you fool!"]) == [-1.0]
+    with pytest.raises(ConfigError, match="ngram"):
+        build_reward([{"kind": "copy", "ngram": 0}])
+
+
 def test_token_frequency():
     fn = TokenFrequency("cat")
     assert fn(["", "", ""], ["cat dog cat mat", "", "Cat cats"]) == [0.5, 0.0, 0.0]

@@ -1,5 +1,5 @@
 """Text heuristics, no model needed: :class:`Length` (and the preference recipe's piecewise
-:func:`preference_length_reward`), :class:`TokenFrequency`, and the offline gibberish score
+:func:`preference_length_reward`), :class:`Copy`, :class:`TokenFrequency`, and the offline gibberish score
 (:class:`Gibberish`, which can use a hub classifier instead).
 """
 from __future__ import annotations
@@ -64,6 +64,24 @@ class Length:
 
     def __call__(self, prompts, completions, **columns) -> list[float]:
         return [float(self.score(len(c.split()))) for c in completions]
+
+
+class Copy:
+    """Minus the share of the completion's word n-grams that occur verbatim in its prompt
+    (:func:`rlhfkit.metrics.copy_rate`, the copy rate ``rlhfkit eval`` reports): 0 for an answer
+    that quotes nothing, -1 for one made only of quotes. Added to a judge's reward it stops a policy
+    from parroting the prompt, which a judge of the answer alone may score as harmless."""
+
+    def __init__(self, ngram: int = 4):
+        if ngram < 1:
+            raise ConfigError(f"copy: ngram must be >= 1, got {ngram}")
+        self.ngram = ngram
+        self.name = "copy"
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        from rlhfkit.metrics import copy_rate
+
+        return [-copy_rate(c, p, self.ngram) for p, c in zip(prompts, completions)]
 
 
 class TokenFrequency:

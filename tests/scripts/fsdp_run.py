@@ -33,3 +33,7 @@ except Interrupted as e:
     assert e.code == 143, e.code
 Engine.end_step = end_step
 run(case, config(case, model, data_dir, out / "resumed", "fsdp", 4), resume=True)
+
+from rlhfkit.distributed import close_process_group
+
+close_process_group(clean=True)  # as the CLI does: no process group left to interpreter exit
