@@ -1,7 +1,8 @@
 """``rlhfkit demo``: the default job. Detoxify SmolLM2-135M-Instruct with LoRA PPO on a CPU.
 
 It runs the pipeline in ``examples/demo_detox.yaml`` (PPO against alt-profanity-check's
-non-toxicity with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
+non-toxicity minus the copy rate (the share of the answer's word 4-grams quoted from the prompt:
+without it a policy learns to parrot the rude source) with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
 on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
 prompt, so the figures measure how each model behaves rather than which way one greedy argmax
 happens to fall) and writes ``<output_dir>/report.md``:
@@ -50,9 +51,12 @@ def plot_curves(metrics_file: Path, out: Path) -> None:
     fig = Figure(figsize=(9, 3.2))
     axes = fig.subplots(1, 2)
     steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r["reward/mean"] for r in rows], marker="o")
-    axes[0].set(title="training reward per PPO step", xlabel="PPO step",
-                ylabel="mean 1 - p(toxic) of the step's answers")
+    parts = {"reward/mean": "reward (sum)", "reward/toxicity": "1 - p(toxic)", "reward/copy": "- copy rate"}
+    for key, label in parts.items():
+        if key in rows[0]:
+            axes[0].plot(steps, [r[key] for r in rows], marker="o", label=label)
+    axes[0].legend(fontsize=8)
+    axes[0].set(title="training reward per PPO step", xlabel="PPO step", ylabel="mean over the step's answers")
     axes[1].plot(steps, [r["kl"] for r in rows], marker="o", color="tab:red")
     axes[1].set(title="KL(policy || reference) per PPO step", xlabel="PPO step", ylabel="nats per answer")
     fig.tight_layout()
@@ -153,6 +157,7 @@ skipped and not counted).
 |---|---|
 {chr(10).join(checks)}
 
+PPO's reward is the training judge's 1 - p(toxic) minus the copy rate: both are trained against.
 The held-out judges are reported, not targeted: both are weak (HateSonar scores clean sentences
 0.24-0.41; the word list flags only listed words).
 
