@@ -256,3 +256,28 @@ def test_segment_rewards_put_each_change_on_its_segment(unit):
         assert n == 3
     torch.testing.assert_close(dense, expected)
     torch.testing.assert_close(dense.sum(1), scores - (0.0 if unit == "sequence" else 1.0))
+
+
+@pytest.mark.unit
+def test_separate_critic_is_saved_beside_the_policy(tiny_llama, tmp_path):
+    """The trained critic goes to output_dir/critic: its weights and value head equal the last
+    checkpoint's ``critic.*`` tensors (the state the run ended in), and they moved from the start."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(tiny_llama, prompts_file(tmp_path, 20), tmp_path / "run", value_model=tiny_llama, ppo_epochs=1)
+    cfg.train.max_steps, cfg.train.checkpoint_every = 2, 2
+    ppo.run(cfg, reward_fn=lowercase_share)
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    folder = tmp_path / "run" / "critic"
+    saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    critic = {k[len("critic.lm."):]: v for k, v in ckpt.items() if k.startswith("critic.lm.")}
+    assert critic and critic.keys() <= saved.keys()
+    for k, v in critic.items():
+        assert torch.equal(saved[k], v), k
+    assert any(not torch.equal(saved[k], start[k]) for k in critic)
+    head = load_file(str(folder / "value_head.safetensors"))
+    assert head.keys() == {k[len("critic.value_head."):] for k in ckpt if k.startswith("critic.value_head.")}
+    for k, v in head.items():
+        assert torch.equal(v, ckpt["critic.value_head." + k]) and v.abs().sum() > 0, k  # trained from its zero start

@@ -28,7 +28,7 @@ Held-out evaluation (greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl`
 training, every ``eval.every`` iterations and at the end (``recipes/_online.py``).
 
 The value head sits on the policy's backbone (``value_model`` unset) or on a separate critic
-model. The reference is the LoRA base with the adapter disabled (no second copy), a frozen copy,
+model (saved with its value head in ``<output_dir>/critic``). The reference is the LoRA base with the adapter disabled (no second copy), a frozen copy,
 or a trained adapter loaded frozen next to the trainable one (see ``ReferenceConfig``).
 
 Deliberate deviations: the KL penalty enters the reward per token (as trlX / the OpenAI code),
@@ -43,6 +43,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar, Literal, Optional, Sequence
 
 import torch
@@ -135,7 +136,8 @@ class Config:
     segment for a model. Normalisation, clipping and the truncation penalty act on the whole
     response's score."""
     value_model: Optional[str] = None
-    """Separate critic (model name or path) with its own value head; unset: a value head on the policy."""
+    """Separate critic (model name or path) with its own value head; unset: a value head on the policy.
+    The trained critic is saved in ``<output_dir>/critic`` (its model and ``value_head.safetensors``)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_rows=32, batch_size=8))
     """Held-out prompts scored with greedy decoding at the start, every ``every`` iterations and at the
     end: at most ``max_rows`` of them (None: all), ``batch_size`` at a time; logged as ``eval/reward``,
@@ -305,6 +307,8 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     def save(out):
         save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save,
                         state_dict=engine.saved_state("policy."))  # gathered weights under fsdp / ZeRO-3
+        if engine.unwrapped().critic is not None:  # the trained critic beside it: its model and value head
+            save_pretrained(engine.unwrapped().critic, tok, Path(out) / "critic", state_dict=engine.saved_state("critic."))
 
     evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference, cfg.eval.batch_size,
                              cfg.eval.every, save=save)
