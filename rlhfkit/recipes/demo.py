@@ -44,7 +44,7 @@ def quick_overrides(folder: Path) -> list[str]:
 def plot_curves(metrics_file: Path, out: Path) -> None:
     from matplotlib.figure import Figure
 
-    from rlhfkit.recipes.evaluate import _png
+    from rlhfkit.recipes._eval_report import _png
     from rlhfkit.utils import atomic_write_bytes
 
     rows = [r for r in read_jsonl(metrics_file) if "reward/mean" in r]
