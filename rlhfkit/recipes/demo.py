@@ -99,6 +99,7 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
         "share_toxic_before": tj["share_above"]["before"], "share_toxic_after": tj["share_above"]["after"],
         "perplexity_ratio": ppl.get("estimate"), "perplexity_ratio_ci": [ppl.get("low"), ppl.get("high")],
         "copy_rate_before": m["copy_rate"]["before"], "copy_rate_after": m["copy_rate"]["after"],
+        "copy_rate_change_ci": [m["copy_rate_change"]["after"]["low"], m["copy_rate_change"]["after"]["high"]],
         "relevance_before": m.get("relevance_uncopied", {}).get("before"),
         "relevance_after": m.get("relevance_uncopied", {}).get("after"),
         "relevance_ratio": rel.get("estimate"), "relevance_ratio_ci": [rel.get("low"), rel.get("high")],
@@ -129,7 +130,8 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
         f"| perplexity under `{m.get('perplexity_scorer')}` | {f(ppl_abs.get('before'), 2)} | "
         f"{f(ppl_abs.get('after'), 2)} | x{f(ppl.get('estimate'), 3)} {ci(headline['perplexity_ratio_ci'], 3)} |",
         f"| copy rate ({m['copy_ngram']}-grams of the answer found in the prompt) | {f(m['copy_rate']['before'])} | "
-        f"{f(m['copy_rate']['after'])} | |",
+        f"{f(m['copy_rate']['after'])} | change {f(m['copy_rate_change']['after']['estimate'], 4)} "
+        f"{ci(headline['copy_rate_change_ci'], 4)} |",
         f"| relevance to the source, copied spans removed | {f(headline['relevance_before'])} | "
         f"{f(headline['relevance_after'])} | x{f(rel.get('estimate'), 3)} {ci(headline['relevance_ratio_ci'], 3)} |",
         f"| sampled KL(after \\|\\| before), nats per answer | | {f(headline['kl_after_to_before'])} | |"]
