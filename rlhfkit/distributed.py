@@ -112,11 +112,22 @@ def shard(module: nn.Module, device: torch.device, mixed_precision: bool = False
     return module
 
 
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module`` or a module inside it is sharded by FSDP2."""
+def _fsdp_module_class():
+    """FSDP2's module class, or None when no process group exists (nothing can be sharded then;
+    a one-process run does not import FSDP at all)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(m, FSDPModule) for m in module.modules())
+    return FSDPModule
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` or a module inside it is sharded by FSDP2."""
+    fsdp = _fsdp_module_class()
+    return fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())
 
 
 @contextmanager
@@ -127,9 +138,8 @@ def unsharded(root: nn.Module):
     forward and frees them after. The root is initialised first (FSDP2 makes the first module to
     run forward its root: a block must not be). A collective: every process must enter it. Other
     modules pass through."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(root, FSDPModule):
+    fsdp = _fsdp_module_class()
+    if fsdp is None or not isinstance(root, fsdp):
         yield
         return
     root._get_fsdp_state()._lazy_init()  # noqa: SLF001 (FSDP2 has no public call for it)
