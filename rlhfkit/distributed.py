@@ -207,7 +207,7 @@ def close_process_group(clean: bool) -> None:
     others, so none tears down while another still talks to it; after an error nobody waits."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
         dist.barrier()

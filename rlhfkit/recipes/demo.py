@@ -2,10 +2,10 @@
 
 It runs the pipeline in ``examples/demo_detox.yaml`` (PPO against alt-profanity-check's
 non-toxicity minus the copy rate (the share of the answer's word 4-grams quoted from the prompt:
-without it a policy learns to parrot the rude source) with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
-on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
-prompt, so the figures measure how each model behaves rather than which way one greedy argmax
-happens to fall) and writes ``<output_dir>/report.md``:
+without it a policy learns to parrot the rude source) with a KL penalty to the adapter-disabled
+base, then ``rlhfkit eval`` before/after on held-out prompts with one fixed, seeded decoding
+config: the policy's own sampling, 4 answers per prompt, so the figures measure how each model
+behaves rather than which way one greedy argmax happens to fall) and writes ``<output_dir>/report.md``:
 the headline figures (the training judge's and two held-out judges' change with bootstrap CIs, the
 share of toxic answers, perplexity ratio under the start policy, copy rate, relevance with the
 copied spans removed, KL, total wall time, and the issue #22 targets met or not), reward and KL

@@ -28,8 +28,9 @@ Held-out evaluation (greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl`
 training, every ``eval.every`` iterations and at the end (``recipes/_online.py``).
 
 The value head sits on the policy's backbone (``value_model`` unset) or on a separate critic
-model (saved with its value head in ``<output_dir>/critic``). The reference is the LoRA base with the adapter disabled (no second copy), a frozen copy,
-or a trained adapter loaded frozen next to the trainable one (see ``ReferenceConfig``).
+model (saved with its value head in ``<output_dir>/critic``). The reference is the LoRA base with
+the adapter disabled (no second copy), a frozen copy, or a trained adapter loaded frozen next to the
+trainable one (see ``ReferenceConfig``).
 
 Deliberate deviations: the KL penalty enters the reward per token (as trlX / the OpenAI code),
 not the loss; the value head reads the hidden state that predicts each token (so V(s_t) and
@@ -307,8 +308,9 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
     def save(out):
         save_pretrained(engine.unwrapped().policy, tok, out, merge=cfg.lora.merge_on_save,
                         state_dict=engine.saved_state("policy."))  # gathered weights under fsdp / ZeRO-3
-        if engine.unwrapped().critic is not None:  # the trained critic beside it: its model and value head
-            save_pretrained(engine.unwrapped().critic, tok, Path(out) / "critic", state_dict=engine.saved_state("critic."))
+        critic = engine.unwrapped().critic
+        if critic is not None:  # the trained critic beside it: its model and value head
+            save_pretrained(critic, tok, Path(out) / "critic", state_dict=engine.saved_state("critic."))
 
     evaluation = HeldOutEval(engine, tok, held, reward, cfg.generation, reference, cfg.eval.batch_size,
                              cfg.eval.every, save=save)
