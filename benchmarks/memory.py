@@ -55,7 +55,8 @@ def measure(setting: str, strategy: str = "auto") -> dict:
 
     from rlhfkit.config import LoraConfig, ModelConfig, TrainConfig
     from rlhfkit.engine import make_adamw
-    from rlhfkit.models import PolicyModel, load_policy
+    from rlhfkit.models import load_policy
+    from rlhfkit.policy import PolicyModel
     from rlhfkit.utils import peak_rss_mb, seed_everything
 
     spec = SETTINGS[setting]

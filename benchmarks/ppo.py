@@ -34,7 +34,8 @@ def child_policy_alone(args) -> dict:
 
     from rlhfkit.config import LoraConfig, ModelConfig
     from rlhfkit.data import Example, collate, encode_prompt
-    from rlhfkit.models import PolicyModel, disable_dropout, load_policy
+    from rlhfkit.models import disable_dropout, load_policy
+    from rlhfkit.policy import PolicyModel
     from rlhfkit.rollout import take_rows
     from rlhfkit.utils import peak_rss_mb
 

@@ -341,7 +341,8 @@ def rlhfkit_step0(row: str, model: str, files: dict[str, str], work: Path) -> di
     import torch
 
     from rlhfkit import data as D
-    from rlhfkit.models import PolicyModel, build_reference, load_policy
+    from rlhfkit.models import load_policy
+    from rlhfkit.policy import PolicyModel, build_reference
     from rlhfkit.utils import seed_everything
 
     module, cfg = rlhfkit_config(row, model, files, str(work / f"rlhfkit-step0-{row}"), 1)
@@ -628,8 +629,8 @@ def matmul_params(model) -> int:
 
 def computed_tokens(batch: dict, min_shared: float = 0.1) -> int:
     """Tokens rlhfkit's forward actually runs for a causal ``collate`` batch: rows that share a
-    prompt (a DPO pair) are one prefix tree, so the prompt counts once (``rlhfkit.models.prefix_tree``)."""
-    from rlhfkit.models import prefix_tree
+    prompt (a DPO pair) are one prefix tree, so the prompt counts once (``rlhfkit.policy.prefix_tree``)."""
+    from rlhfkit.policy import prefix_tree
 
     rows, prompt_lens = [], []
     for ids, att, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):

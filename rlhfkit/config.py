@@ -417,17 +417,19 @@ class GenerationConfig:
 @dataclass
 class RewardConfig:
     kind: Literal["classifier", "reward_model", "toxicity", "sentiment", "label_match", "length", "gibberish",
-                  "copy", "reference_normalized", "token_frequency", "python"] = "toxicity"
+                  "copy", "relevance", "reference_normalized", "token_frequency", "python"] = "toxicity"
     """Reward function: ``classifier``, ``reward_model``, ``toxicity``, ``sentiment``,
     ``label_match``, ``length``, ``gibberish``, ``copy`` (minus the share of the completion's word
-    n-grams copied verbatim from the prompt), ``reference_normalized``, ``token_frequency``, or
-    ``python``. Several rewards in a list are summed with their weights (the composite reward)."""
+    n-grams copied verbatim from the prompt), ``relevance`` (cosine of sentence embeddings between
+    the completion, copied spans removed, and the row's ``source_column``),
+    ``reference_normalized``, ``token_frequency``, or ``python``. Several rewards in a list are summed with their weights (the composite reward)."""
     weight: float = 1.0
     """Weight in the composite sum."""
     name: Optional[str] = None
     """Name used in logs (``reward/<name>``); defaults to ``kind``."""
     model: Optional[str] = None
-    """Model name or path (``classifier``, ``reward_model``, ``gibberish`` with a hub classifier)."""
+    """Model name or path (``classifier``, ``reward_model``, ``gibberish`` with a hub classifier,
+    ``relevance``: a sentence-embedding model, default the all-MiniLM-L6-v2 asset)."""
     label: Optional[str] = None
     """Classifier label to read (name or index), e.g. ``nothate``."""
     output: Literal["logit", "probability"] = "logit"
@@ -446,6 +448,9 @@ class RewardConfig:
     the piecewise preference-generation formula is used."""
     max_words: Optional[int] = None
     """``length``: upper end of the target range in words."""
+    source_column: Optional[str] = None
+    """``relevance``: row column with the text the completion should stay relevant to (as
+    ``rlhfkit eval``'s ``source_column``)."""
     reference_column: Optional[str] = None
     """``reference_normalized``: column with the reference completion y_ref; the reward is
     r(x, y) - r(x, y_ref) with r given by ``base``."""
@@ -454,7 +459,8 @@ class RewardConfig:
     normalize: bool = False
     """``reward_model``: standardise scores with the mean/std saved by ``rlhfkit reward``."""
     ngram: int = 4
-    """``copy``: the word n-gram size (as ``rlhfkit eval``'s ``copy_ngram``)."""
+    """``copy``, ``relevance``: the word n-gram size of a copied span (as ``rlhfkit eval``'s
+    ``copy_ngram``)."""
     token: Optional[str] = None
     """``token_frequency``: the string whose frequency (per word) is rewarded (a test reward)."""
     function: Optional[str] = None
@@ -468,7 +474,7 @@ class RewardConfig:
         needs = {
             "classifier": ["model"], "reward_model": ["model"], "label_match": ["target_column"],
             "reference_normalized": ["reference_column", "base"], "python": ["function"],
-            "token_frequency": ["token"],
+            "token_frequency": ["token"], "relevance": ["source_column"],
         }
         for key in needs.get(self.kind, []):
             if getattr(self, key) in (None, ""):

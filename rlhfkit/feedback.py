@@ -133,7 +133,8 @@ def candidate_logprobs(model, tokenizer, prompts: list[str], candidates: Sequenc
     left (the question at the end is kept).
     """
     from rlhfkit.data import Example, collate, encode_prompt
-    from rlhfkit.models import PolicyModel, left_pad_positions, unwrap
+    from rlhfkit.models import left_pad_positions, unwrap
+    from rlhfkit.policy import PolicyModel
 
     hf = unwrap(model)
     seq2seq = bool(getattr(hf.config, "is_encoder_decoder", False))

@@ -1,10 +1,11 @@
-"""Evaluation metrics: pure functions of numbers and strings (only ``semantic_relevance`` loads a model).
+"""Evaluation metrics: pure functions of numbers and strings (only the semantic relevance functions load a model).
 
 * ``improvement`` / ``toxicity_change``: relative change of a score before and after training, as
   the detoxification recipe reports it ("mean toxicity -9.08%, std -28.75%");
 * ``elo_ratings``, ``bradley_terry``, ``win_rate``: comparisons of two or more models;
 * ``rouge``: ROUGE-1/2/L F-measures (Lin, 2004) with Google's ``rouge_score``;
 * ``semantic_relevance``: cosine similarity of sentence embeddings (all-MiniLM-L6-v2);
+  ``relevance_uncopied``: the same with the spans an answer copies from its prompt taken out;
 * ``paired_bootstrap``: percentile confidence intervals of any before/after statistic, resampling
   prompts (with all their answers) with replacement;
 * ``share_above``, ``perplexity``, ``copy_rate`` / ``strip_copied``: toxic share, fluency and
@@ -372,8 +373,24 @@ def strip_copied(answer: str, prompt: str, n: int = 4) -> str:
     return " ".join(w for w, c in zip(a, copied) if not c)
 
 
+def relevance_uncopied(completions: Sequence[str], prompts: Sequence[str], sources: Sequence[str], n: int = 4,
+                       model_path: Optional[str] = None) -> list[float]:
+    """Cosine relevance to the source of what each answer says beyond quoting: the answer with every
+    word n-gram copied verbatim from its prompt taken out (:func:`strip_copied`), embedded as in
+    :func:`semantic_relevance_pairs`; an answer with nothing left scores 0."""
+    left = [c if copy_rate(c, p, n) == 0 else strip_copied(c, p, n) for c, p in zip(completions, prompts)]
+    keep = [i for i, t in enumerate(left) if t]
+    out = [0.0] * len(left)
+    if keep:
+        sims = semantic_relevance_pairs([left[i] for i in keep], [sources[i] for i in keep], model_path)
+        for i, v in zip(keep, sims):
+            out[i] = v
+    return out
+
+
 __all__ = [
     "improvement", "toxicity_change", "elo_expected", "elo_ratings", "bradley_terry", "win_rate",
     "rouge", "rouge_pairs", "embed", "semantic_relevance", "semantic_relevance_pairs", "bootstrap_indices",
     "paired_bootstrap", "share_above", "perplexity", "words", "copy_rate", "strip_copied",
+    "relevance_uncopied",
 ]

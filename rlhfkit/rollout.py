@@ -25,7 +25,8 @@ from transformers import PreTrainedModel
 
 from rlhfkit.config import ConfigError, GenerationConfig, UserError
 from rlhfkit.data import Example, collate
-from rlhfkit.models import PolicyModel, cache_kwarg, left_pad_positions, unwrap
+from rlhfkit.models import cache_kwarg, left_pad_positions, unwrap
+from rlhfkit.policy import PolicyModel
 
 
 def generation_kwargs(gen: GenerationConfig, tokenizer, max_new_tokens: Optional[int] = None) -> dict:

@@ -14,7 +14,8 @@ from rlhfkit.config import DataConfig, ModelConfig, UserError
 from rlhfkit.data import (DataStats, Example, StepBatcher, Table, collate, collate_packed, encode_completion,
                           encode_prompt, load_splits, pack, preference_examples, prompt_examples, read_table,
                           sft_examples, split_shared_prefix, tokenize_pairs)
-from rlhfkit.models import PolicyModel, load_model, load_tokenizer
+from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.policy import PolicyModel
 
 # ---------------------------------------------------------------------------------------------
 # rows in the schemas of real datasets

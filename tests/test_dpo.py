@@ -15,7 +15,8 @@ from pref_data import metrics_lines, perturbed_copy, plain_logp, preference_rows
 from rlhfkit import losses
 from rlhfkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from rlhfkit.data import Example, PairExample, collate, collate_preferences
-from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy
+from rlhfkit.models import load_policy
+from rlhfkit.policy import PolicyModel, Reference, build_reference
 from rlhfkit.recipes import _preference as P
 from rlhfkit.recipes import dpo
 

@@ -18,7 +18,8 @@ from rlhfkit.config import (
     ConfigError, DataConfig, EvalConfig, GenerationConfig, LoraConfig, ModelConfig, RewardConfig, TrainConfig, load_config,
 )
 from rlhfkit.data import Example, collate
-from rlhfkit.models import PolicyModel, Reference, load_model, load_policy
+from rlhfkit.models import load_model, load_policy
+from rlhfkit.policy import PolicyModel, Reference
 from rlhfkit import losses as L
 from rlhfkit import rollout as R
 from rlhfkit.recipes import grpo

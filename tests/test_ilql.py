@@ -93,7 +93,7 @@ def test_filtered_bc_learns_from_the_best_rows(tiny_gpt2, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["kept_rows"] == 80 and summary["kept_reward_min"] == 1.0  # 20% of 400, all with a cat
     assert (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / ilql.HEADS_FILE).exists()
-    from rlhfkit.models import PolicyModel
+    from rlhfkit.policy import PolicyModel
 
     prompts = [p for p, _ in cat_samples(100, seed=1)]
     gen = GenerationConfig(max_new_tokens=24, top_k=0)

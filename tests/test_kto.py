@@ -14,7 +14,8 @@ from pref_data import metrics_lines, perturbed_copy, plain_logp, preference_rows
 from rlhfkit import losses
 from rlhfkit.config import DataConfig, ModelConfig, TrainConfig, UserError, load_config
 from rlhfkit.data import DataStats, Example, Table, collate
-from rlhfkit.models import PolicyModel, Reference, load_policy
+from rlhfkit.models import load_policy
+from rlhfkit.policy import PolicyModel, Reference
 from rlhfkit.recipes import kto
 
 ROWS = [  # (prompt ids, completion ids, desirable)

@@ -8,8 +8,8 @@ import torch
 
 from rlhfkit.config import LoraConfig, ModelConfig, UserError
 from rlhfkit.data import Example, collate
-from rlhfkit.models import (PolicyModel, apply_lora, load_model, load_policy, load_tokenizer, load_value_head,
-                            save_pretrained, token_logprobs, unwrap)
+from rlhfkit.models import apply_lora, load_model, load_policy, load_tokenizer, save_pretrained, unwrap
+from rlhfkit.policy import PolicyModel, load_value_head, token_logprobs
 
 CPU = torch.device("cpu")
 KINDS = ["tiny_gpt2", "tiny_llama", "tiny_t5"]
@@ -128,7 +128,7 @@ def test_shared_prompt_forward_equals_padded_forward(kind, layout, request):
     """Rows with the same prompt (DPO's chosen/rejected, a GRPO group) go through one prefix-tree
     forward, and rows of different lengths are packed side by side into tree rows; outputs and
     gradients must equal the plain padded forward's."""
-    from rlhfkit.models import prefix_sharing_supported
+    from rlhfkit.policy import prefix_sharing_supported
 
     model, tok = load(request.getfixturevalue(kind))
     model.train()
@@ -161,7 +161,7 @@ def test_shared_prompt_forward_equals_padded_forward(kind, layout, request):
 
 @pytest.mark.unit
 def test_prefix_tree_layout_by_hand():
-    from rlhfkit.models import prefix_tree
+    from rlhfkit.policy import prefix_tree
 
     tree = prefix_tree([[1, 2, 3, 4], [1, 2, 5], [7, 8, 9]], [2, 2, 1], min_shared=0.0)
     assert tree.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]
@@ -185,7 +185,7 @@ def test_prefix_tree_layout_by_hand():
 
 @pytest.mark.unit
 def test_prefix_tree_packs_rows_without_a_shared_prompt_by_hand():
-    from rlhfkit.models import prefix_tree
+    from rlhfkit.policy import prefix_tree
 
     # longest first into rows of the longest length (3): [1 2 3] alone, then [4 5] and [6] together
     tree = prefix_tree([[6], [1, 2, 3], [4, 5]], [0, 0, 0], min_shared=0.3)  # 6 slots instead of 9
@@ -446,7 +446,7 @@ def test_every_layout_equals_the_plain_forward(kind, request):
 
 @pytest.mark.unit
 def test_prefix_sharing_probe_raises_instead_of_answering_no(tiny_llama, monkeypatch):
-    from rlhfkit import models as M
+    from rlhfkit import policy as M
 
     model, _ = load(tiny_llama)
     monkeypatch.setattr(M, "_PREFIX_SUPPORT", {})

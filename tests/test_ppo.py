@@ -79,7 +79,8 @@ def test_first_minibatch_ratio_is_one(tiny_gpt2, tmp_path):
 def test_disabled_adapter_reference_equals_base_model(tiny_llama):
     from rlhfkit.config import ReferenceConfig
     from rlhfkit.data import Example, collate
-    from rlhfkit.models import PolicyModel, build_reference, load_policy
+    from rlhfkit.models import load_policy
+    from rlhfkit.policy import PolicyModel, build_reference
 
     lm, tok = load_policy(ModelConfig(name_or_path=tiny_llama), LoraConfig(enabled=True, r=4))
     with torch.no_grad():  # make the adapter do something, so equality is not trivial
@@ -100,7 +101,8 @@ def test_trained_adapter_is_the_reference(tiny_llama, tmp_path):
     """Starting from a trained adapter, the reference is that adapter (frozen), not the bare base."""
     from rlhfkit.config import ReferenceConfig
     from rlhfkit.data import Example, collate
-    from rlhfkit.models import PolicyModel, build_reference, load_policy, save_pretrained
+    from rlhfkit.models import load_policy, save_pretrained
+    from rlhfkit.policy import PolicyModel, build_reference
 
     lm, tok = load_policy(ModelConfig(name_or_path=tiny_llama), LoraConfig(enabled=True, r=4))
     with torch.no_grad():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +81,8 @@ def test_missing_bitsandbytes_is_one_line_naming_the_install(monkeypatch, llama6
 def test_4bit_layers_are_linear4bit_and_only_adapters_train(kind, llama64):
     import bitsandbytes as bnb
 
-    from rlhfkit.models import PolicyModel, Reference, is_quantized, load_policy
+    from rlhfkit.models import is_quantized, load_policy
+    from rlhfkit.policy import PolicyModel, Reference
 
     lm, tok = load_policy(q4(llama64, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True),
                           LoraConfig(enabled=True, r=4, target_modules=["all-linear"]))
@@ -115,7 +115,8 @@ def test_4bit_layers_are_linear4bit_and_only_adapters_train(kind, llama64):
 def test_8bit_layers_are_linear8bitlt_and_adapters_get_gradients(llama64):
     import bitsandbytes as bnb
 
-    from rlhfkit.models import PolicyModel, Reference, load_policy
+    from rlhfkit.models import load_policy
+    from rlhfkit.policy import PolicyModel, Reference
 
     lm, _ = load_policy(ModelConfig(name_or_path=llama64, load_in_8bit=True),
                         LoraConfig(enabled=True, r=4, dropout=0.0, target_modules=["all-linear"]))

@@ -177,6 +177,26 @@ def test_copy_reward_is_minus_the_copied_ngram_share():
         build_reward([{"kind": "copy", "ngram": 0}])
 
 
+def test_relevance_reward_is_the_cosine_of_what_is_left_after_the_quotes():
+    from rlhfkit.metrics import embed
+
+    prompt = "Reply to this: the band played loud guitar music all night long"
+    source = "the band played loud guitar music all night long"
+    fn = build_reward([{"kind": "relevance", "source_column": "source"}])
+    answers = ["the band played loud guitar music",  # all quoted: nothing left, 0
+               "I enjoyed the concert and the guitars",  # nothing quoted: the whole answer
+               "the band played loud and I went to sleep",  # "the band played loud" (4 words) is taken out
+               "Stocks fell sharply today."]
+    got = fn([prompt] * 4, answers, source=[source] * 4)
+    e = embed([source, "I enjoyed the concert and the guitars", "and i went to sleep", "Stocks fell sharply today."])
+    assert got == pytest.approx([0.0, float(e[1] @ e[0]), float(e[2] @ e[0]), float(e[3] @ e[0])], abs=1e-5)
+    assert got[1] > got[3] + 0.2  # on topic beats off topic
+    with pytest.raises(ConfigError, match="needs 'source_column'"):
+        build_reward([{"kind": "relevance"}])
+    with pytest.raises(UserError, match="needs the column 'source'"):
+        fn([prompt], ["hi"], topic=["x"])
+
+
 def test_token_frequency():
     fn = TokenFrequency("cat")
     assert fn(["", "", ""], ["cat dog cat mat", "", "Cat cats"]) == [0.5, 0.0, 0.0]

@@ -32,7 +32,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from helpers import sft_rows, write_jsonl  # noqa: E402
 from rlhfkit.config import ConfigError, GenerationConfig, VLLMConfig  # noqa: E402
-from rlhfkit.models import PolicyModel, unwrap  # noqa: E402
+from rlhfkit.models import unwrap  # noqa: E402
+from rlhfkit.policy import PolicyModel  # noqa: E402
 from rlhfkit.rollout import backend_sample, engine_metrics, generate, generate_ids, rollout, score  # noqa: E402
 
 VLLM = dict(backend="vllm", vllm=VLLMConfig(max_model_len=256))

@@ -29,7 +29,7 @@ import torch
 
 from rlhfkit import assets
 from rlhfkit.data import Example, collate
-from rlhfkit.models import PolicyModel, Reference
+from rlhfkit.policy import PolicyModel, Reference
 from rlhfkit.utils import atomic_write_bytes, logger
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")

@@ -51,7 +51,8 @@ def plot_curves(metrics_file: Path, out: Path) -> None:
     fig = Figure(figsize=(9, 3.2))
     axes = fig.subplots(1, 2)
     steps = [r["step"] for r in rows]
-    parts = {"reward/mean": "reward (sum)", "reward/toxicity": "1 - p(toxic)", "reward/copy": "- copy rate"}
+    parts = {"reward/mean": "reward (sum)", "reward/toxicity": "1 - p(toxic)", "reward/copy": "- copy rate",
+             "reward/relevance": "relevance"}
     for key, label in parts.items():
         if key in rows[0]:
             axes[0].plot(steps, [r[key] for r in rows], marker="o", label=label)
@@ -73,10 +74,33 @@ TARGETS = {  # issue #22: what the default job must show on seeds 0, 1 and 2 (ea
 }
 
 
+REWARD_TERMS = {"toxicity": "the training judge's 1 - p(toxic)", "copy": "minus the copy rate",
+                "relevance": "relevance to the source (copied spans removed)"}
+
+
+def reward_terms(ppo_dir: Path) -> list[tuple[str, float]]:
+    """(kind, weight) of each term of the PPO stage's reward, from its saved ``config.yaml``."""
+    import yaml
+
+    cfg = yaml.safe_load((ppo_dir / "config.yaml").read_text())
+    return [(r["kind"], float(r.get("weight", 1.0))) for r in cfg.get("rewards") or []]
+
+
+def reward_sentence(terms: list[tuple[str, float]]) -> str:
+    """The report's line on what PPO was trained against, e.g. "PPO's reward is the sum of these
+    terms, all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.5 x ..."."""
+    said = [(f"{w:g} x " if w != 1 else "") + REWARD_TERMS.get(k, f"the {k} reward") for k, w in terms]
+    if len(said) == 1:
+        return f"PPO's reward is {said[0]}: it is trained against."
+    return f"PPO's reward is the sum of these terms, all trained against: {'; '.join(said)}."
+
+
 def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
     ppo_dir, eval_dir = out_dir / "ppo", out_dir / "eval"
     plot_curves(ppo_dir / "metrics.jsonl", out_dir / "ppo_curves.png")
     m = json.loads((eval_dir / "metrics.json").read_text())
+    terms = reward_terms(ppo_dir)
+    rel_role = " (trained against)" if any(k == "relevance" for k, _ in terms) else ""
     ppo_summary = json.loads((ppo_dir / "summary.json").read_text())
     judges = m["judges"]
     trained = next(j for j, v in judges.items() if v["trained_against"])
@@ -106,6 +130,7 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
         "kl_after_to_before": m.get("kl", {}).get("after"), "ppo_train_seconds": ppo_summary.get("train_seconds"),
         "ppo_steps": ppo_summary.get("steps"), "eval_prompts": m.get("prompts"),
         "eval_samples_per_prompt": m["samples_per_prompt"], "wall_seconds": round(wall_seconds, 1), "quick": quick,
+        "reward_terms": [{"kind": k, "weight": w} for k, w in terms],
     }
     f = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     ci = lambda c, d=1: f"[{f(c[0], d)}, {f(c[1], d)}]"  # noqa: E731
@@ -132,7 +157,7 @@ def write_report(out_dir: Path, quick: bool, wall_seconds: float) -> dict:
         f"| copy rate ({m['copy_ngram']}-grams of the answer found in the prompt) | {f(m['copy_rate']['before'])} | "
         f"{f(m['copy_rate']['after'])} | change {f(m['copy_rate_change']['after']['estimate'], 4)} "
         f"{ci(headline['copy_rate_change_ci'], 4)} |",
-        f"| relevance to the source, copied spans removed | {f(headline['relevance_before'])} | "
+        f"| relevance to the source, copied spans removed{rel_role} | {f(headline['relevance_before'])} | "
         f"{f(headline['relevance_after'])} | x{f(rel.get('estimate'), 3)} {ci(headline['relevance_ratio_ci'], 3)} |",
         f"| sampled KL(after \\|\\| before), nats per answer | | {f(headline['kl_after_to_before'])} | |"]
     eval_report = (eval_dir / "report.md").read_text().replace("](", "](eval/")
@@ -159,7 +184,7 @@ skipped and not counted).
 |---|---|
 {chr(10).join(checks)}
 
-PPO's reward is the training judge's 1 - p(toxic) minus the copy rate: both are trained against.
+{reward_sentence(terms)}
 The held-out judges are reported, not targeted: both are weak (HateSonar scores clean sentences
 0.24-0.41; the word list flags only listed words).
 

@@ -63,7 +63,8 @@ from rlhfkit.config import (ConfigError, DataConfig, EvalConfig, LoraConfig, Mod
 from rlhfkit.data import Example, PairExample, collate_preferences, preference_examples, tokenize_preferences
 from rlhfkit.engine import resolve_precision
 from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
-from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
+from rlhfkit.models import load_policy, save_pretrained
+from rlhfkit.policy import PolicyModel, Reference, build_reference
 from rlhfkit.recipes._preference import (default_cache_dir, model_inputs, policy_scores, precompute_reference,
                                          reference_identity, reference_sums, release_reference, sequence_logps)
 from rlhfkit.utils import logger, seed_everything

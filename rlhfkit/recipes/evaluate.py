@@ -24,7 +24,7 @@ table. Reported per model (all pure functions of ``rlhfkit.metrics`` where one e
 - mean reward under every configured reward function (``rewards``) and their weighted sum;
 - sampled KL to a reference model: the mean over prompts of sum_t log pi(y_t | x, y_<t) -
   log pi_ref(y_t | x, y_<t) over the model's own completion y (Monte-Carlo estimate of
-  KL(pi || pi_ref) when y ~ pi), both log-probs from ``rlhfkit.models.PolicyModel``;
+  KL(pi || pi_ref) when y ~ pi), both log-probs from ``rlhfkit.policy.PolicyModel``;
 - response length in tokens and words;
 - pairwise win rates under the judge reward (ties count one half), sequential Elo over
   (prompt, pair) matches and Bradley-Terry strengths on the Elo scale (``metrics.win_rate``,
@@ -69,7 +69,8 @@ from rlhfkit.config import ConfigError, DataConfig, GenerationConfig, LoraConfig
 from rlhfkit.config import save_config
 from rlhfkit.data import (Example, Table, collate, encode_completion, encode_prompt, read_table, select, user_prompt,
                           wrap_prompt)
-from rlhfkit.models import PolicyModel, is_quantized, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
+from rlhfkit.models import is_quantized, left_pad_positions, load_policy, load_tokenizer, pick_device, unwrap
+from rlhfkit.policy import PolicyModel
 from rlhfkit.recipes._eval_report import (bars_png, cdf_png, change_panels, histogram_png, overoptimisation_png,
                                          render_report)
 from rlhfkit.rewards import EvalJudgeConfig, build_judge, build_reward, judge_names
@@ -339,21 +340,6 @@ def answer_nll(model, tok, prompts: list[str], responses: list[list[int]],
     ``metrics.perplexity`` turns them into exp(mean token NLL)."""
     logps, counts = sequence_logps(PolicyModel(model).eval(), tok, prompts, responses, batch_size, with_counts=True)
     return (-logps).tolist(), counts
-
-
-def relevance_uncopied(completions: list[str], prompts: list[str], sources: list[str], n: int,
-                       model_path: Optional[str]) -> list[float]:
-    """Cosine relevance to the source of what each answer says beyond quoting: the answer with every
-    word n-gram copied verbatim from its prompt taken out (``metrics.strip_copied``); an answer with
-    nothing left scores 0."""
-    left = [c if M.copy_rate(c, p, n) == 0 else M.strip_copied(c, p, n) for c, p in zip(completions, prompts)]
-    keep = [i for i, t in enumerate(left) if t]
-    out = [0.0] * len(left)
-    if keep:
-        sims = M.semantic_relevance_pairs([left[i] for i in keep], [sources[i] for i in keep], model_path)
-        for i, v in zip(keep, sims):
-            out[i] = v
-    return out
 
 
 def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed: int, progress: bool,
@@ -769,7 +755,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     uncopied: dict[str, list[float]] = {}
     if sources is not None:
         relevance = {n: M.semantic_relevance_pairs(completions[n], sources, cfg.relevance_model) for n in names}
-        uncopied = {n: relevance_uncopied(completions[n], prompts, sources, cfg.copy_ngram, cfg.relevance_model)
+        uncopied = {n: M.relevance_uncopied(completions[n], prompts, sources, cfg.copy_ngram, cfg.relevance_model)
                     for n in names}
         m["semantic_relevance"] = {n: float(np.mean(relevance[n])) for n in names}
         m["relevance_uncopied"] = {n: float(np.mean(uncopied[n])) for n in names}
@@ -861,5 +847,5 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 __all__ = ["Config", "EvalModelConfig", "run", "summarize", "generate_samples", "sampled_kl", "token_kl",
-           "sequence_logps", "compare", "answer_nll", "relevance_uncopied", "load_trainable", "expand_checkpoints",
+           "sequence_logps", "compare", "answer_nll", "load_trainable", "expand_checkpoints",
            "checkpoint_curves", "judge_summary", "Bootstrap"]

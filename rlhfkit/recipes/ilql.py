@@ -80,9 +80,10 @@ from rlhfkit.data import (
 from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine
 from rlhfkit.models import (
-    PolicyModel, apply_lora, disable_dropout, fuse_gelu, hidden_size, is_seq2seq_config, left_pad_positions,
-    load_policy, save_pretrained, unwrap,
+    apply_lora, disable_dropout, fuse_gelu, is_seq2seq_config, left_pad_positions, load_policy, save_pretrained,
+    unwrap,
 )
+from rlhfkit.policy import PolicyModel, hidden_size
 from rlhfkit.recipes._offline import OfflineData, load_data, make_engine, train_and_evaluate
 from rlhfkit.utils import atomic_write_json, atomic_write_jsonl, keep_freed_memory, logger, seed_everything
 

@@ -54,7 +54,8 @@ from rlhfkit.data import (DataStats, Example, Table, check_some_kept, collate, e
                           preference_examples, sft_examples)
 from rlhfkit.engine import resolve_precision
 from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
-from rlhfkit.models import PolicyModel, Reference, build_reference, load_policy, save_pretrained
+from rlhfkit.models import load_policy, save_pretrained
+from rlhfkit.policy import PolicyModel, Reference, build_reference
 from rlhfkit.recipes._preference import (concat_batches, default_cache_dir, model_inputs, policy_scores,
                                          precompute_reference, reference_identity, reference_sums, release_reference,
                                          sequence_logps)

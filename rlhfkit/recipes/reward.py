@@ -5,7 +5,7 @@ The model maps a text to a scalar r(x, y); on preference pairs it minimises
 per-row margin is Llama 2's preference-strength margin, Touvron et al. 2023). Chosen and rejected
 texts of a micro-batch go through one concatenated forward (rows 0..B-1 chosen, B..2B-1 rejected);
 with a causal value-head model the tokens a pair has in common (its prompt) are computed once
-for both texts (``rlhfkit.models.prefix_tree``: the same states, only float rounding differs).
+for both texts (``rlhfkit.policy.prefix_tree``: the same states, only float rounding differs).
 
 Text scored: ``rlhfkit.rewards.join_prompt_completion(prompt, completion)``, the same join the
 ``reward_model`` reward uses at scoring time, tokenized by ``rlhfkit.rewards.reward_input_ids``
@@ -15,7 +15,7 @@ Two heads (``head``):
 - ``classifier``: an encoder (BERT-style, e.g. ``asset:minilm``) with a fresh one-logit
   ``AutoModelForSequenceClassification`` head. BERT has no EOS; its tokenizer ends every text
   with ``[SEP]``. Saved as a plain HF classifier folder.
-- ``value_head``: a causal or seq2seq LM with ``rlhfkit.models.ValueHead`` read at the last real
+- ``value_head``: a causal or seq2seq LM with ``rlhfkit.policy.ValueHead`` read at the last real
   token (an appended EOS; seq2seq: the first decoder state), see
   ``rlhfkit.rewards.last_token_rewards``. Saved as the LM folder + ``value_head.safetensors`` +
   ``rlhfkit_reward.json`` ``{"kind": "lm_value_head", "model_type": "causal"|"seq2seq", ...}``.
@@ -45,9 +45,11 @@ from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Trai
 from rlhfkit.data import DataStats, Table, check_some_kept, preference_examples
 from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
 from rlhfkit.losses import pairwise_reward
-from rlhfkit.models import (ValueHead, apply_lora, peft_quiet, hidden_size, is_quantized, load_hf_config, load_model, load_tokenizer,
-                            lora_targets, merge_dequantized, pick_device, prefix_sharing_supported, prefix_tree,
-                            prefix_tree_states, unwrap)
+from rlhfkit.models import (
+    apply_lora, peft_quiet, is_quantized, load_hf_config, load_model, load_tokenizer, lora_targets,
+    merge_dequantized, pick_device, unwrap,
+)
+from rlhfkit.policy import ValueHead, hidden_size, prefix_sharing_supported, prefix_tree, prefix_tree_states
 from rlhfkit.rewards import REWARD_SPEC, join_prompt_completion, last_token_rewards, pad_right, reward_input_ids
 from rlhfkit.utils import atomic_write_json, logger, seed_everything
 
@@ -108,7 +110,7 @@ class RewardNet(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_lens: Optional[list[int]] = None,
                 **_: object) -> torch.Tensor:
         """``prefix_lens[b]``: leading tokens row b shares with other rows (its pair's common
-        prefix); a causal value-head model then reads them once (``rlhfkit.models.prefix_tree``)."""
+        prefix); a causal value-head model then reads them once (``rlhfkit.policy.prefix_tree``)."""
         if self.value_head is None:
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # (B,)
         if prefix_lens is not None:

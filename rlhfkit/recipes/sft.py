@@ -20,7 +20,8 @@ import torch
 from rlhfkit.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig, UserError, check_best_metric
 from rlhfkit.data import collate, collate_packed, pack, sft_examples, tokenize_pairs
 from rlhfkit.recipes._offline import load_data, make_engine, train_and_evaluate
-from rlhfkit.models import PolicyModel, load_policy, save_pretrained
+from rlhfkit.models import load_policy, save_pretrained
+from rlhfkit.policy import PolicyModel
 from rlhfkit.utils import logger, seed_everything
 
 

@@ -22,8 +22,8 @@ naming the function, e.g. ``reward 'python:mymod:f' returned 3 values for 4 comp
 
 Modules (every name is re-exported here, so ``from rlhfkit.rewards import X`` is the import path):
 ``base`` (the contract, :func:`validate_reward`), ``classifiers`` (HF classifiers, sentiment, label
-match), ``reward_model`` (:class:`RewardModel`), ``toxicity``, ``text`` (length, copy, token
-frequency, gibberish), ``custom`` (:class:`PythonReward`), ``judges`` (the named scorers of ``rlhfkit eval``),
+match), ``reward_model`` (:class:`RewardModel`), ``toxicity``, ``text`` (length, copy, relevance,
+token frequency, gibberish), ``custom`` (:class:`PythonReward`), ``judges`` (the named scorers of ``rlhfkit eval``),
 ``composite`` (:class:`Composite`, :class:`ReferenceNormalized`, :func:`build_reward`).
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from rlhfkit.rewards.custom import PythonReward, load_function
 from rlhfkit.rewards.judges import JUDGE_KINDS, EvalJudgeConfig, WordList, build_judge, judge_names, profanity_wordlist
 from rlhfkit.rewards.reward_model import (REWARD_SPEC, RewardModel, last_token_rewards, pad_right, reward_input_ids,
                                           reward_spec)
-from rlhfkit.rewards.text import (GIBBERISH_LABELS, RESOURCES, Copy, Gibberish, Length, TokenFrequency, english_words,
-                                  gibberish_label, gibberish_labels, gibberish_parts, gibberish_score,
+from rlhfkit.rewards.text import (GIBBERISH_LABELS, RESOURCES, Copy, Gibberish, Length, Relevance, TokenFrequency,
+                                  english_words, gibberish_label, gibberish_labels, gibberish_parts, gibberish_score,
                                   preference_length_reward)
 from rlhfkit.rewards.toxicity import Toxicity, toxicity_prob
 
@@ -44,7 +44,7 @@ __all__ = [
     "RewardFn", "ValidatedReward", "validate_reward", "check_rewards", "join_prompt_completion",
     "classifier_logits", "Classifier", "RewardModel", "reward_input_ids", "pad_right",
     "last_token_rewards", "reward_spec", "toxicity_prob", "Toxicity", "vader_compound",
-    "vader_label", "Sentiment", "LabelMatch", "preference_length_reward", "Length", "Copy", "TokenFrequency",
+    "vader_label", "Sentiment", "LabelMatch", "preference_length_reward", "Length", "Copy", "Relevance", "TokenFrequency",
     "english_words", "gibberish_parts", "gibberish_score", "gibberish_label", "gibberish_labels",
     "Gibberish", "ReferenceNormalized", "Composite", "PythonReward", "load_function",
     "reward_from_config", "build_reward", "GIBBERISH_LABELS", "REWARD_SPEC", "RESOURCES",

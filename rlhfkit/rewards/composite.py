@@ -11,7 +11,7 @@ from rlhfkit.rewards.base import RewardFn, _column, validate_reward
 from rlhfkit.rewards.classifiers import Classifier, LabelMatch, Sentiment
 from rlhfkit.rewards.custom import PythonReward
 from rlhfkit.rewards.reward_model import RewardModel
-from rlhfkit.rewards.text import Copy, Gibberish, Length, TokenFrequency
+from rlhfkit.rewards.text import Copy, Gibberish, Length, Relevance, TokenFrequency
 from rlhfkit.rewards.toxicity import Toxicity
 
 
@@ -95,6 +95,8 @@ def reward_from_config(cfg: RewardConfig | dict, device: Optional[str] = None) -
         return Gibberish(cfg.model, cfg.batch_size, cfg.max_length, device)
     if kind == "copy":
         return Copy(cfg.ngram)
+    if kind == "relevance":
+        return Relevance(cfg.source_column, cfg.ngram, cfg.model)
     if kind == "token_frequency":
         return TokenFrequency(cfg.token)
     if kind == "python":

@@ -109,7 +109,7 @@ def _load_lm_value_head(path: str, device: str):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from rlhfkit.models import ValueHead, hidden_size
+    from rlhfkit.policy import ValueHead, hidden_size
 
     head_file = Path(path) / "value_head.safetensors"
     if not head_file.is_file():
@@ -139,7 +139,7 @@ class RewardModel:
     * ``classifier``: a HF ``AutoModelForSequenceClassification`` with ``num_labels=1``
       (safetensors + tokenizer), e.g. MiniLM with a scalar head;
     * ``lm_value_head``: a causal or seq2seq LM folder (safetensors + tokenizer) plus
-      ``value_head.safetensors`` (``rlhfkit.models.ValueHead``: ``summary.weight`` (1, H),
+      ``value_head.safetensors`` (``rlhfkit.policy.ValueHead``: ``summary.weight`` (1, H),
       ``summary.bias`` (1,)) and ``rlhfkit_reward.json`` ``{"kind": "lm_value_head",
       "model_type": "causal" | "seq2seq", "max_length": L}``; scored by :func:`last_token_rewards`.
 

@@ -1,6 +1,7 @@
-"""Text heuristics, no model needed: :class:`Length` (and the preference recipe's piecewise
-:func:`preference_length_reward`), :class:`Copy`, :class:`TokenFrequency`, and the offline gibberish score
-(:class:`Gibberish`, which can use a hub classifier instead).
+"""Rewards on the text itself: :class:`Length` (and the preference recipe's piecewise
+:func:`preference_length_reward`), :class:`Copy`, :class:`Relevance` (a sentence-embedding model),
+:class:`TokenFrequency`, and the offline gibberish score (:class:`Gibberish`, which can use a hub
+classifier instead).
 """
 from __future__ import annotations
 
@@ -82,6 +83,28 @@ class Copy:
         from rlhfkit.metrics import copy_rate
 
         return [-copy_rate(c, p, self.ngram) for p, c in zip(prompts, completions)]
+
+
+class Relevance:
+    """Cosine relevance of what the completion says beyond quoting to its row's ``column`` (e.g. the
+    text it answers): :func:`rlhfkit.metrics.relevance_uncopied`, the relevance ``rlhfkit eval``
+    reports with the copied spans removed (sentence embeddings, all-MiniLM-L6-v2 unless ``model``).
+    Word n-grams copied verbatim from the prompt are taken out first, so quoting earns nothing; an
+    answer with nothing left scores 0. Added to a judge's reward it keeps a policy on topic, where a
+    judge of the answer alone pays as much for a generic dodge."""
+
+    def __init__(self, column: str, ngram: int = 4, model: Optional[str] = None):
+        if ngram < 1:
+            raise ConfigError(f"relevance: ngram must be >= 1, got {ngram}")
+        self.column, self.ngram, self.model = column, ngram, model
+        self.name = "relevance"
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        from rlhfkit.metrics import relevance_uncopied
+        from rlhfkit.rewards.base import _column
+
+        sources = [str(s) for s in _column(columns, self.column, len(completions), self.name)]
+        return relevance_uncopied(completions, prompts, sources, self.ngram, self.model)
 
 
 class TokenFrequency:
