@@ -1,15 +1,17 @@
 """``rlhfkit demo``: the default job. Detoxify SmolLM2-135M-Instruct with LoRA PPO on a CPU.
 
 It runs the pipeline in ``examples/demo_detox.yaml`` (PPO against alt-profanity-check's
-non-toxicity minus the copy rate (the share of the answer's word 4-grams quoted from the prompt:
-without it a policy learns to parrot the rude source) with a KL penalty to the adapter-disabled
-base, then ``rlhfkit eval`` before/after on held-out prompts with one fixed, seeded decoding
-config: the policy's own sampling, 4 answers per prompt, so the figures measure how each model
-behaves rather than which way one greedy argmax happens to fall) and writes ``<output_dir>/report.md``:
-the headline figures (the training judge's and two held-out judges' change with bootstrap CIs, the
-share of toxic answers, perplexity ratio under the start policy, copy rate, relevance with the
-copied spans removed, KL, total wall time, and the issue #22 targets met or not), reward and KL
-curves of the PPO run, and the evaluation report (CDFs, CI bars, sample table).
+non-toxicity, minus 2 x the copy rate (the share of the answer's word 4-grams quoted from the prompt:
+without it a policy learns to parrot the rude source), plus 0.3 x the relevance of the answer's own
+words to the source it is asked to rewrite or answer (without it a generic dodge pays as well as a
+clean rewrite), with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
+on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
+prompt, so the figures measure how each model behaves rather than which way one greedy argmax
+happens to fall) and writes ``<output_dir>/report.md``: the headline figures (the training judge's
+and two held-out judges' change with bootstrap CIs, the share of toxic answers, perplexity ratio
+under the start policy, copy rate, relevance with the copied spans removed (marked as trained
+against, as it is in the reward), KL, total wall time, and the issue #22 targets met or not), reward
+and KL curves of the PPO run, and the evaluation report (CDFs, CI bars, sample table).
 
 ``rlhfkit demo --quick`` runs the same pipeline on a tiny GPT-2 built locally, for the tests.
 Other arguments are overrides of the pipeline stages (``ppo.train.max_steps=4``).
@@ -74,7 +76,7 @@ TARGETS = {  # issue #22: what the default job must show on seeds 0, 1 and 2 (ea
 }
 
 
-REWARD_TERMS = {"toxicity": "the training judge's 1 - p(toxic)", "copy": "minus the copy rate",
+REWARD_TERMS = {"toxicity": "the training judge's 1 - p(toxic)", "copy": "the copy rate",
                 "relevance": "relevance to the source (copied spans removed)"}
 
 
@@ -89,7 +91,8 @@ def reward_terms(ppo_dir: Path) -> list[tuple[str, float]]:
 def reward_sentence(terms: list[tuple[str, float]]) -> str:
     """The report's line on what PPO was trained against, e.g. "PPO's reward is the sum of these
     terms, all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.5 x ..."."""
-    said = [(f"{w:g} x " if w != 1 else "") + REWARD_TERMS.get(k, f"the {k} reward") for k, w in terms]
+    said = [("minus " if k == "copy" else "") + (f"{w:g} x " if w != 1 else "") + REWARD_TERMS.get(k, f"the {k} reward")
+            for k, w in terms]  # the copy reward is minus the copy rate
     if len(said) == 1:
         return f"PPO's reward is {said[0]}: it is trained against."
     return f"PPO's reward is the sum of these terms, all trained against: {'; '.join(said)}."
