@@ -1,8 +1,8 @@
 """``rlhfkit demo``: the default job. Detoxify SmolLM2-135M-Instruct with LoRA PPO on a CPU.
 
 It runs the pipeline in ``examples/demo_detox.yaml`` (PPO against alt-profanity-check's
-non-toxicity, minus 2 x the copy rate (the share of the answer's word 4-grams quoted from the prompt:
-without it a policy learns to parrot the rude source), plus 0.3 x the relevance of the answer's own
+non-toxicity, minus the copy rate (the share of the answer's word 4-grams quoted from the prompt:
+without it a policy learns to parrot the rude source), plus 0.15 x the relevance of the answer's own
 words to the source it is asked to rewrite or answer (without it a generic dodge pays as well as a
 clean rewrite), with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
 on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
