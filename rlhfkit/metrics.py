@@ -235,26 +235,33 @@ def _embedder(model_path: str, device: str):
     return tokenizer, model
 
 
-def embed(texts: Sequence[str], model_path: Optional[str] = None, batch_size: int = 64,
+def embed(texts: Sequence[str], model_path: Optional[str] = None, batch_size: int = 128,
           max_length: int = 256, device: Optional[str] = None):
     """Sentence embeddings ``(N, H)``: mean of the last hidden states over the attention mask,
-    L2-normalised (the all-MiniLM-L6-v2 recipe; Reimers & Gurevych, 2019)."""
+    L2-normalised (the all-MiniLM-L6-v2 recipe; Reimers & Gurevych, 2019). Texts are batched in
+    order of length, so a batch pads to little more than its own texts (as sentence-transformers
+    does); the rows come back in the order given."""
     import torch
 
     from rlhfkit.assets import minilm_path
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model = _embedder(model_path or minilm_path(), device)
-    out = []
+    lengths = [len(x) for x in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    out = torch.empty(0, 0)
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt").to(device)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
             hidden = model(**enc).last_hidden_state.float()  # (B, T, H)
             mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, H)
-            out.append(torch.nn.functional.normalize(mean, dim=-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+            if not out.numel():
+                out = torch.empty(len(texts), mean.shape[-1])
+            out[rows] = torch.nn.functional.normalize(mean, dim=-1).cpu()
+    return out
 
 
 def semantic_relevance_pairs(texts: Sequence[str], sources: Sequence[str], model_path: Optional[str] = None,

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import torch
 
 from rlhfkit import metrics as M
 from rlhfkit.config import UserError
@@ -93,6 +94,15 @@ def test_rouge_matches_rouge_score_and_hand_values():
     # first pair by hand (stemmer: cats -> cat): 5 of 6 unigrams, 3 of 5 bigrams, LCS 5
     one = rouge(preds[:1], refs[:1])
     assert one == pytest.approx({"rouge1": 5 / 6, "rouge2": 3 / 5, "rougeL": 5 / 6})
+
+
+def test_embed_batches_by_length_and_returns_rows_in_the_order_given():
+    texts = ["one two three four five six seven eight nine ten eleven twelve", "hi", "the cat sat on the mat",
+             "ok then", "a much longer sentence about a guitar player on a small stage at night"]
+    together = embed(texts, batch_size=2)  # sorted by length: batches [hi, ok then], [cat, one..], [guitar]
+    alone = torch.cat([embed([t]) for t in texts])  # one text per batch: no padding at all
+    assert together.shape == (5, 384)
+    assert torch.allclose(together, alone, atol=1e-5)
 
 
 def test_semantic_relevance():
