@@ -422,7 +422,8 @@ class RewardConfig:
     ``label_match``, ``length``, ``gibberish``, ``copy`` (minus the share of the completion's word
     n-grams copied verbatim from the prompt), ``relevance`` (cosine of sentence embeddings between
     the completion, copied spans removed, and the row's ``source_column``),
-    ``reference_normalized``, ``token_frequency``, or ``python``. Several rewards in a list are summed with their weights (the composite reward)."""
+    ``reference_normalized``, ``token_frequency``, or ``python``. Several rewards in a list are
+    summed with their weights (the composite reward)."""
     weight: float = 1.0
     """Weight in the composite sum."""
     name: Optional[str] = None

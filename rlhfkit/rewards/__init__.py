@@ -23,8 +23,8 @@ naming the function, e.g. ``reward 'python:mymod:f' returned 3 values for 4 comp
 Modules (every name is re-exported here, so ``from rlhfkit.rewards import X`` is the import path):
 ``base`` (the contract, :func:`validate_reward`), ``classifiers`` (HF classifiers, sentiment, label
 match), ``reward_model`` (:class:`RewardModel`), ``toxicity``, ``text`` (length, copy, relevance,
-token frequency, gibberish), ``custom`` (:class:`PythonReward`), ``judges`` (the named scorers of ``rlhfkit eval``),
-``composite`` (:class:`Composite`, :class:`ReferenceNormalized`, :func:`build_reward`).
+token frequency, gibberish), ``custom`` (:class:`PythonReward`), ``judges`` (the named scorers of
+``rlhfkit eval``), ``composite`` (:class:`Composite`, :class:`ReferenceNormalized`, :func:`build_reward`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ __all__ = [
     "RewardFn", "ValidatedReward", "validate_reward", "check_rewards", "join_prompt_completion",
     "classifier_logits", "Classifier", "RewardModel", "reward_input_ids", "pad_right",
     "last_token_rewards", "reward_spec", "toxicity_prob", "Toxicity", "vader_compound",
-    "vader_label", "Sentiment", "LabelMatch", "preference_length_reward", "Length", "Copy", "Relevance", "TokenFrequency",
+    "vader_label", "Sentiment", "LabelMatch", "preference_length_reward", "Length", "Copy", "Relevance",
+    "TokenFrequency",
     "english_words", "gibberish_parts", "gibberish_score", "gibberish_label", "gibberish_labels",
     "Gibberish", "ReferenceNormalized", "Composite", "PythonReward", "load_function",
     "reward_from_config", "build_reward", "GIBBERISH_LABELS", "REWARD_SPEC", "RESOURCES",
