@@ -90,9 +90,9 @@ def reward_terms(ppo_dir: Path) -> list[tuple[str, float]]:
 
 def reward_sentence(terms: list[tuple[str, float]]) -> str:
     """The report's line on what PPO was trained against, e.g. "PPO's reward is the sum of these
-    terms, all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.5 x ..."."""
-    said = [("minus " if k == "copy" else "") + (f"{w:g} x " if w != 1 else "") + REWARD_TERMS.get(k, f"the {k} reward")
-            for k, w in terms]  # the copy reward is minus the copy rate
+    terms, all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.15 x ..."."""
+    said = [("minus " if k == "copy" else "")  # the copy reward is minus the copy rate
+            + (f"{w:g} x " if w != 1 else "") + REWARD_TERMS.get(k, f"the {k} reward") for k, w in terms]
     if len(said) == 1:
         return f"PPO's reward is {said[0]}: it is trained against."
     return f"PPO's reward is the sum of these terms, all trained against: {'; '.join(said)}."
