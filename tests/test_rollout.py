@@ -138,3 +138,63 @@ def test_repeated_prompts_are_prefilled_once(fixture, request, monkeypatch):
             alone = R.generate_ids(model, tok, ids, gen)
         assert shared == alone
         assert shared[0] != shared[2] or not do_sample  # the repeats are separate samples
+
+
+def _transformers_probs(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    return warpers(None, scores.clone()).softmax(-1)  # (B, V)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.9, 0, 0.95), (1.0, 0, 0.5), (0.7, 20, 0.9), (1.3, 0, 1.0),
+                                                     (1.0, 5, 1.0)])
+def test_nucleus_sampler_keeps_the_tokens_and_probabilities_transformers_warpers_keep(temperature, top_k, top_p):
+    """The nucleus drawn from equals transformers' Temperature -> TopK -> TopP warpers' distribution,
+    for peaked rows and for flat rows whose nucleus outgrows the first 64 candidates."""
+    gen = torch.Generator().manual_seed(0)
+    V = 3000
+    scores = torch.randn(6, V, generator=gen) * torch.tensor([[8.0], [4.0], [2.0], [0.5], [0.05], [1.0]])  # (6, V)
+    scores[5, :2] = torch.tensor([30.0, 29.0])  # one row with two tokens holding nearly all the mass
+    sampler = R.NucleusSampler(temperature, top_k, top_p)
+    logp, ids = sampler.candidates(scores)  # (6, K)
+    ours = torch.zeros(6, V).scatter_(-1, ids, logp.exp())  # (6, V)
+    torch.testing.assert_close(ours, _transformers_probs(scores, temperature, top_k, top_p), atol=1e-6, rtol=1e-4)
+    if top_p < 1 and not top_k:
+        assert ids.shape[1] > 64  # the flat rows made it grow past the first try
+
+
+@pytest.mark.unit
+def test_nucleus_sampler_draws_from_the_renormalised_nucleus_by_hand():
+    """p = (0.5, 0.3, 0.15, 0.05), top_p 0.75: the mass before token 1 is 0.5 < 0.75 (kept), before
+    token 2 it is 0.8 (dropped), so the draws are token 0 with 0.5 / 0.8 = 0.625 and token 1 with
+    0.375. The processor returns -inf everywhere but the drawn token."""
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(20000, 4).contiguous()  # (N, 4)
+    sampler = R.NucleusSampler(temperature=1.0, top_p=0.75)
+    logp, ids = sampler.candidates(scores[:1])
+    torch.testing.assert_close(logp.exp()[0, :2], torch.tensor([0.625, 0.375]))
+    assert ids[0, :2].tolist() == [0, 1] and torch.isinf(logp[0, 2:]).all()
+    torch.manual_seed(0)
+    out = sampler(None, scores)  # (N, 4)
+    assert bool((torch.isfinite(out).sum(-1) == 1).all()) and out.max() == 0.0
+    freq = torch.bincount(out.argmax(-1), minlength=4).float() / len(out)
+    assert freq[2:].sum() == 0 and abs(float(freq[0]) - 0.625) < 0.01
+
+
+@pytest.mark.unit
+def test_sampled_generation_is_seeded_and_greedy_generation_is_transformers_own(tiny_llama):
+    model, tok = load_policy(ModelConfig(name_or_path=tiny_llama))
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a b c d", "a b")]
+    sampled = GenerationConfig(do_sample=True, temperature=0.9, top_p=0.9, max_new_tokens=8, min_new_tokens=8)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(R.generate_ids(model, tok, ids, sampled))
+    assert draws[0] == draws[1] and all(len(r) == 8 for r in draws[0])
+    greedy = R.generate_ids(model, tok, [ids[0]], GenerationConfig(do_sample=False, max_new_tokens=6, min_new_tokens=6))
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids[0]]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                             pad_token_id=tok.pad_token_id)
+    assert greedy[0] == ref[0, len(ids[0]):].tolist()
