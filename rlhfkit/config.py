@@ -467,9 +467,9 @@ class RewardConfig:
     function: Optional[str] = None
     """``python``: ``module:function`` with signature ``fn(prompts, completions, **columns)``."""
     batch_size: int = 32
-    """Texts per classifier forward."""
+    """``classifier``, ``reward_model``, ``label_match``, ``gibberish``: texts per classifier forward."""
     max_length: int = 512
-    """Truncate classifier inputs to this many tokens."""
+    """``classifier``, ``reward_model``, ``label_match``, ``gibberish``: truncate inputs to this many tokens."""
 
     def validate(self) -> None:
         needs = {
@@ -480,6 +480,25 @@ class RewardConfig:
         for key in needs.get(self.kind, []):
             if getattr(self, key) in (None, ""):
                 raise ConfigError(f"reward kind '{self.kind}' needs '{key}'")
+        defaults = RewardConfig()
+        for key, kinds in REWARD_KEY_KINDS.items():
+            if self.kind not in kinds and getattr(self, key) != getattr(defaults, key):
+                raise ConfigError(f"reward key '{key}' applies to kind {' / '.join(kinds)}, not '{self.kind}'")
+
+
+REWARD_KEY_KINDS: dict[str, tuple[str, ...]] = {
+    "model": ("classifier", "reward_model", "label_match", "gibberish", "relevance"),
+    "label": ("classifier",), "output": ("classifier",), "text": ("classifier",),
+    "backend": ("toxicity",), "invert": ("toxicity",), "target_column": ("label_match",),
+    "min_words": ("length",), "max_words": ("length",), "source_column": ("relevance",),
+    "reference_column": ("reference_normalized",), "base": ("reference_normalized",),
+    "normalize": ("reward_model",), "ngram": ("copy", "relevance"), "token": ("token_frequency",),
+    "function": ("python",),
+    "batch_size": ("classifier", "reward_model", "label_match", "gibberish"),
+    "max_length": ("classifier", "reward_model", "label_match", "gibberish"),
+}
+"""The reward kinds that read each kind-specific ``RewardConfig`` key; setting one on another kind
+is refused (it would be ignored)."""
 
 
 def check_best_metric(train: TrainConfig, command: str, logged: list[str]) -> None:

@@ -507,6 +507,15 @@ def _span(mask: torch.Tensor) -> slice:
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
 
 
+def grouped_permutation(n_rows: int, group: int, generator: torch.Generator) -> torch.Tensor:
+    """(n_rows,) a random order of the rows that keeps each ``group`` of consecutive rows (the
+    samples of one prompt) together, groups shuffled: minibatches of whole groups, in which the
+    prefix-tree forward runs each prompt once. One group per row when ``group`` does not divide
+    ``n_rows``."""
+    g = group if group > 0 and n_rows % group == 0 else 1
+    return (torch.randperm(n_rows // g, generator=generator)[:, None] * g + torch.arange(g)).flatten()  # (n_rows,)
+
+
 @torch.no_grad()
 def no_grad_pass(fn, tensors: dict, chunk: int, seq2seq: bool, group: int = 1) -> dict[str, torch.Tensor]:
     """``fn(sub-batch) -> {name: (b, T') tensor}`` over about ``chunk`` rows at a time, trimmed of

@@ -165,22 +165,33 @@ def test_train_api_offline_and_grpo_routes(tiny_gpt2, tmp_path):
 
 
 @pytest.mark.unit
-def test_samples_per_prompt_repeats_each_prompt(tiny_gpt2, tmp_path):
-    """rollout_batch_size 8 with samples_per_prompt 4: each iteration answers 2 prompts 4 times each."""
+def test_samples_per_prompt_repeats_each_prompt(tiny_gpt2, tmp_path, monkeypatch):
+    """rollout_batch_size 8 with samples_per_prompt 4: each iteration answers 2 prompts 4 times
+    each, and the update's minibatches take a prompt's samples together."""
     seen: list[list[str]] = []
 
     def recording(prompts, completions, **columns):
         seen.append(list(prompts))
         return lowercase_share(prompts, completions)
 
+    minibatches: list[list[int]] = []
+    take_rows = ppo.take_rows
+
+    def recording_rows(tensors, idx, seq2seq):
+        minibatches.append(idx.tolist())
+        return take_rows(tensors, idx, seq2seq)
+
+    monkeypatch.setattr(ppo, "take_rows", recording_rows)
     cfg = config(tiny_gpt2, prompts_file(tmp_path), tmp_path / "run", rollout_batch_size=8, samples_per_prompt=4,
                  ppo_epochs=1, eval=EvalConfig(max_rows=0))
-    cfg.train.max_steps = 2
+    cfg.train.max_steps, cfg.train.batch_size = 2, 4
     ppo.run(cfg, reward_fn=recording)
     rollouts = [p for p in seen if len(p) == 8]
     assert len(rollouts) == 2
     for batch in rollouts:
         assert sorted(batch.count(p) for p in set(batch)) == [4, 4]
+    # a minibatch of 4 rows is one prompt's 4 samples (rows 0-3 or 4-7), in both iterations
+    assert len(minibatches) == 4 and all(sorted(m) in ([0, 1, 2, 3], [4, 5, 6, 7]) for m in minibatches)
     with pytest.raises(Exception, match="multiple of samples_per_prompt"):
         config(tiny_gpt2, "x.jsonl", tmp_path / "r2", rollout_batch_size=8, samples_per_prompt=3).validate()
 

@@ -422,3 +422,24 @@ def test_classifier_from_config(tmp_path):
     cfg = RewardConfig(kind="classifier", model=path, label="nothate", output="probability")
     got = build_reward(cfg, device="cpu")([""], ["bad movie"])
     assert got == pytest.approx([direct_logits(path, ["bad movie"]).softmax(-1)[0, 0].item()], abs=1e-5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("section,key", [
+    ({"kind": "copy", "batch_size": 8}, "batch_size"),
+    ({"kind": "relevance", "source_column": "source", "max_length": 128}, "max_length"),
+    ({"kind": "length", "label": "toxic"}, "label"),
+    ({"kind": "classifier", "model": "m", "invert": False}, "invert"),
+    ({"kind": "toxicity", "ngram": 3}, "ngram"),
+])
+def test_a_key_another_reward_kind_reads_is_refused(section, key):
+    """A key the kind would ignore is an error that names the key, its kinds and this kind."""
+    with pytest.raises(ConfigError, match=f"reward key '{key}' applies to kind .*not '{section['kind']}'"):
+        RewardConfig(**section).validate()
+
+
+@pytest.mark.unit
+def test_the_keys_a_reward_kind_reads_are_accepted():
+    RewardConfig(kind="classifier", model="m", label="toxic", output="probability", batch_size=8, max_length=64).validate()
+    RewardConfig(kind="relevance", source_column="source", ngram=3, model="asset:minilm").validate()
+    RewardConfig(kind="copy", ngram=3, weight=2.0, name="quotes").validate()

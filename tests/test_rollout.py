@@ -198,3 +198,34 @@ def test_sampled_generation_is_seeded_and_greedy_generation_is_transformers_own(
         ref = model.generate(torch.tensor([ids[0]]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
                              pad_token_id=tok.pad_token_id)
     assert greedy[0] == ref[0, len(ids[0]):].tolist()
+
+
+@pytest.mark.unit
+def test_grouped_permutation_shuffles_whole_groups_and_is_randperm_for_single_rows():
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(3, generator=g)  # the group order the same seed gives
+    got = R.grouped_permutation(6, 2, torch.Generator().manual_seed(0))
+    assert got.tolist() == [r for o in order.tolist() for r in (2 * o, 2 * o + 1)]
+    for group in (1, 4):  # 4 does not divide 6: rows shuffled one by one, exactly as randperm
+        assert torch.equal(R.grouped_permutation(6, group, torch.Generator().manual_seed(5)),
+                           torch.randperm(6, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.unit
+def test_no_grad_pass_keeps_a_prompts_samples_in_one_chunk_and_reassembles_rows():
+    """3 prompts x 2 samples, chunk 4: two calls, of 2 whole groups and then 1 (the groups in
+    order of their longest row), and the outputs land back on their own rows and columns."""
+    lengths = [5, 3, 2, 2, 4, 6]  # real tokens per row; rows 2k and 2k+1 share a prompt
+    T = 6
+    mask = torch.tensor([[0] * (T - n) + [1] * n for n in lengths])  # (6, T) left-padded
+    ids = (torch.arange(6)[:, None] * 10 + torch.arange(T)) * mask  # (6, T) distinct per row
+    labels = ids.masked_fill(mask == 0, -100)
+    calls = []
+
+    def fn(sub):
+        calls.append(sorted({int(r[r > 0].min()) // 10 for r in sub["input_ids"]}))
+        return {"x": sub["input_ids"].float()}
+
+    out = R.no_grad_pass(fn, {"input_ids": ids, "attention_mask": mask, "labels": labels}, 4, False, group=2)
+    assert calls == [[0, 1, 2, 3], [4, 5]]  # longest rows: group 0 -> 5, group 1 -> 2, group 2 -> 6
+    assert torch.equal(out["x"], ids.float())

@@ -23,7 +23,8 @@ prompts):
    ``losses.group_advantages``, one value for all tokens of a response); ``reinforce_pp``: the
    per-token reward -kl_coef (log pi_old - log pi_ref) plus the score on the last token, summed
    to the end (gamma 1) and whitened over the whole batch (``losses.reinforce_pp_advantages``);
-4. update: ``ppo_epochs`` passes, each shuffled and cut into ``minibatches`` minibatches, one
+4. update: ``ppo_epochs`` passes, each shuffled by whole groups (``grouped_permutation``: the
+   prefix-tree forward runs a group's prompt once) and cut into ``minibatches`` minibatches, one
    optimizer step per minibatch, of ``losses.clipped_policy``:
        l_it = max(-A ratio, -A clip(ratio, 1 - clip_range, 1 + clip_range)) + kl_coef k3_it
    (no k3 term for REINFORCE++, whose KL is in the reward), reduced by ``loss_aggregation``:
@@ -75,8 +76,8 @@ from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import save_pretrained
 from rlhfkit.policy import PolicyModel, build_reference
 from rlhfkit.recipes._online import HeldOutEval, check_sharded_generation, online_eval_metrics, online_prompts
-from rlhfkit.rollout import (MODEL_KEYS, Rollout, load_online_policy, make_experience, make_reward,
-                             sample_max_new_tokens, take_rows)
+from rlhfkit.rollout import (MODEL_KEYS, Rollout, grouped_permutation, load_online_policy, make_experience,
+                             make_reward, sample_max_new_tokens, take_rows)
 from rlhfkit.utils import logger, seed_everything
 from rlhfkit.backends import require_training_backend
 
@@ -254,7 +255,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         sums: dict[str, float] = {}
         gen = torch.Generator().manual_seed(rng.randrange(2**31))
         for _ in range(cfg.ppo_epochs):
-            for mb_idx in torch.randperm(len(ro.items), generator=gen).chunk(cfg.minibatches):
+            for mb_idx in grouped_permutation(len(ro.items), G, gen).chunk(cfg.minibatches):
                 micro = [take_rows(tensors, idx, policy.is_seq2seq) for idx in mb_idx.split(cfg.train.batch_size)]
                 # the engine weighs micro-batch losses by these units: tokens or responses
                 weights = [float((m["labels"] != -100).sum()) if cfg.loss_aggregation == "token"

@@ -21,7 +21,8 @@ One iteration (one logged step):
 5. advantages by GAE (gamma, lambda), whitened over the batch; returns = A + V;
 6. ``ppo_epochs`` passes over shuffled minibatches of the clipped surrogate plus
    ``vf_coef`` x the clipped value loss; an epoch stops early when its approx_kl passes
-   ``early_stop_kl``. Shuffles and the sampled output length come from a generator seeded with
+   ``early_stop_kl``. A minibatch takes whole prompts: the samples of a prompt stay together
+   (``grouped_permutation``), so the prefix-tree forward runs each prompt once. Shuffles and the sampled output length come from a generator seeded with
    (seed, iteration), so a resumed run draws what the uninterrupted run drew.
 
 Held-out evaluation (greedy; ``eval/reward``, ``eval/reward/<part>``, ``eval/kl``) runs before
@@ -59,8 +60,8 @@ from rlhfkit.engine import Engine, process_info, total_steps_for
 from rlhfkit.models import disable_dropout, load_model, save_pretrained
 from rlhfkit.policy import PolicyModel, build_reference
 from rlhfkit.recipes._online import HeldOutEval, check_sharded_generation, online_eval_metrics, online_prompts
-from rlhfkit.rollout import (MODEL_KEYS, load_online_policy, make_experience, make_reward, reward_columns,
-                             sample_max_new_tokens, take_rows)
+from rlhfkit.rollout import (MODEL_KEYS, grouped_permutation, load_online_policy, make_experience, make_reward,
+                             reward_columns, sample_max_new_tokens, take_rows)
 from rlhfkit.backends import require_training_backend
 from rlhfkit.utils import logger, seed_everything
 
@@ -370,7 +371,7 @@ def run(cfg: Config, resume: bool = False, reward_fn: Optional[Callable] = None,
         update_metrics: list[dict] = []
         stopped_early = False
         for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            perm = grouped_permutation(B, cfg.samples_per_prompt, torch.Generator().manual_seed(rng.randrange(2**31)))
             for s in range(0, B, mb_rows):
                 micro = [take_rows(tensors, m, seq2seq) for m in perm[s: s + mb_rows].split(cfg.train.batch_size)]
                 weights = [float(mb["resp_mask"].sum()) for mb in micro]
