@@ -131,8 +131,8 @@ def test_demo_quick(tmp_path):
     assert "![toxicity_cdf.png](eval/toxicity_cdf.png)" in report and "![models.png](eval/models.png)" in report
     # the reward's terms come from the PPO stage's saved config; relevance is marked as trained against
     assert headline["reward_terms"] == [{"kind": "toxicity", "weight": 1.0}, {"kind": "copy", "weight": 1.0},
-                                        {"kind": "relevance", "weight": 0.15}]
-    assert "all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.15 x relevance" in report
+                                        {"kind": "relevance", "weight": 0.3}]
+    assert "all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.3 x relevance" in report
     assert "| relevance to the source, copied spans removed (trained against) |" in report
 
 

@@ -2,7 +2,7 @@
 
 It runs the pipeline in ``examples/demo_detox.yaml`` (PPO against alt-profanity-check's
 non-toxicity, minus the copy rate (the share of the answer's word 4-grams quoted from the prompt:
-without it a policy learns to parrot the rude source), plus 0.15 x the relevance of the answer's own
+without it a policy learns to parrot the rude source), plus 0.3 x the relevance of the answer's own
 words to the source it is asked to rewrite or answer (without it a generic dodge pays as well as a
 clean rewrite), with a KL penalty to the adapter-disabled base, then ``rlhfkit eval`` before/after
 on held-out prompts with one fixed, seeded decoding config: the policy's own sampling, 4 answers per
@@ -90,7 +90,7 @@ def reward_terms(ppo_dir: Path) -> list[tuple[str, float]]:
 
 def reward_sentence(terms: list[tuple[str, float]]) -> str:
     """The report's line on what PPO was trained against, e.g. "PPO's reward is the sum of these
-    terms, all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.15 x ..."."""
+    terms, all trained against: the training judge's 1 - p(toxic); minus the copy rate; 0.3 x ..."."""
     said = [("minus " if k == "copy" else "")  # the copy reward is minus the copy rate
             + (f"{w:g} x " if w != 1 else "") + REWARD_TERMS.get(k, f"the {k} reward") for k, w in terms]
     if len(said) == 1:
