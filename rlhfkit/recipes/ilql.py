@@ -473,7 +473,7 @@ class ILQLModel(nn.Module):
 
 class AdvantageShiftedLM(nn.Module):
     """The LM seen by ``rlhfkit.rollout.generate``: its ``generate`` adds the ILQL shift as the first
-    logits processor (before temperature and top-k, which transformers applies after it)."""
+    logits processor (before the sampler's temperature, top-k and top-p)."""
 
     def __init__(self, model: ILQLModel, beta: float):
         super().__init__()
@@ -498,7 +498,8 @@ class AdvantageShiftedLM(nn.Module):
                     h = cap["h"][:, -1]  # (B, H) the state whose next token is drawn
                     return F.log_softmax(scores.float(), dim=-1) + beta * heads.advantage(h).float()  # (B, V)
 
-            return self.model.lm.generate(**kwargs, logits_processor=LogitsProcessorList([Shift()]))
+            after = kwargs.pop("logits_processor", None) or []  # rollout's NucleusSampler when sampling
+            return self.model.lm.generate(**kwargs, logits_processor=LogitsProcessorList([Shift(), *after]))
 
 
 @torch.no_grad()
