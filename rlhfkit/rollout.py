@@ -53,7 +53,7 @@ class NucleusSampler(LogitsProcessor):
     per vocabulary entry; here ``topk`` is grown (64, 256, ... tokens) until it holds every row's
     nucleus, and the draw (the exponential race: argmax of p / Exp(1), as ``torch.multinomial``
     does for one sample) runs over those tokens only. With SmolLM2's 49,152-token vocabulary on a
-    CPU, sampling 60 rows x 48 tokens took 21.8 s that way and 16.7 s this way. The draws use torch's global generator, so a
+    CPU, 60 rows x 48 tokens take 37.2 s that way and 27.7 s this way (``benchmarks/sampling.py``). The draws use torch's global generator, so a
     seeded ``generate`` is reproducible, but its samples are not transformers' samples."""
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
