@@ -53,8 +53,9 @@ class NucleusSampler(LogitsProcessor):
     per vocabulary entry; here ``topk`` is grown (64, 256, ... tokens) until it holds every row's
     nucleus, and the draw (the exponential race: argmax of p / Exp(1), as ``torch.multinomial``
     does for one sample) runs over those tokens only. With SmolLM2's 49,152-token vocabulary on a
-    CPU, 60 rows x 48 tokens take 37.2 s that way and 27.7 s this way (``benchmarks/sampling.py``). The draws use torch's global generator, so a
-    seeded ``generate`` is reproducible, but its samples are not transformers' samples."""
+    CPU, 60 rows x 48 tokens take 37.2 s that way and 27.7 s this way (``benchmarks/sampling.py``).
+    The draws use torch's global generator, so a seeded ``generate`` is reproducible, but its
+    samples are not transformers' samples."""
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -512,8 +513,17 @@ def grouped_permutation(n_rows: int, group: int, generator: torch.Generator) -> 
     samples of one prompt) together, groups shuffled: minibatches of whole groups, in which the
     prefix-tree forward runs each prompt once. One group per row when ``group`` does not divide
     ``n_rows``."""
-    g = group if group > 0 and n_rows % group == 0 else 1
-    return (torch.randperm(n_rows // g, generator=generator)[:, None] * g + torch.arange(g)).flatten()  # (n_rows,)
+    g = _group_size(n_rows, group)
+    return _rows_of_groups(torch.randperm(n_rows // g, generator=generator), g)  # (n_rows,)
+
+
+def _group_size(n_rows: int, group: int) -> int:
+    return group if group > 0 and n_rows % group == 0 else 1
+
+
+def _rows_of_groups(group_order: torch.Tensor, g: int) -> torch.Tensor:
+    """(n_groups,) an order of the groups of ``g`` consecutive rows -> (n_groups * g,) their rows."""
+    return (group_order[:, None] * g + torch.arange(g)).flatten()
 
 
 @torch.no_grad()
@@ -525,9 +535,9 @@ def no_grad_pass(fn, tensors: dict, chunk: int, seq2seq: bool, group: int = 1) -
     order of their longest row (chunks of ``chunk // group`` whole groups)."""
     B, T = tensors["labels"].shape
     model_in = {k: tensors[k] for k in MODEL_KEYS if k in tensors}
-    g = group if group > 0 and B % group == 0 else 1
+    g = _group_size(B, group)
     longest = model_in["attention_mask"].sum(1).view(-1, g).amax(1)  # (B / g,)
-    order = (longest.argsort()[:, None] * g + torch.arange(g)).flatten()  # (B,) whole groups, shortest first
+    order = _rows_of_groups(longest.argsort(), g)  # (B,) whole groups, shortest first
     out: dict[str, torch.Tensor] = {}
     for rows in order.split(max(1, chunk // g) * g):
         sub, cols = _take_rows(model_in, rows, seq2seq)
