@@ -63,7 +63,7 @@ def child_bare_generate(args) -> dict:
     from rlhfkit.config import GenerationConfig, LoraConfig, ModelConfig
     from rlhfkit.data import encode_prompt
     from rlhfkit.models import load_policy
-    from rlhfkit.rollout import generate_ids
+    from rlhfkit.generation import generate_ids
 
     lm, tok = load_policy(ModelConfig(name_or_path="asset:smollm2", max_length=256), LoraConfig(enabled=True, r=16, dropout=0.0, target_modules=["all-linear"]))
     gen = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=0.9, top_p=0.95, top_k=0)
@@ -77,7 +77,7 @@ def child_bare_generate(args) -> dict:
         times.append(time.perf_counter() - t)
     # the plain transformers call on the same batch, for reference (no rlhfkit code in the loop)
     from rlhfkit.data import Example, collate
-    from rlhfkit.rollout import generation_kwargs
+    from rlhfkit.generation import generation_kwargs
     b = collate([Example(p, []) for p in ids], tok.pad_token_id, False)
     plain = []
     for _ in range(args.steps):

@@ -37,7 +37,7 @@ def main() -> None:
     from rlhfkit.config import ModelConfig
     from rlhfkit.data import DataConfig, wrap_prompt
     from rlhfkit.models import load_policy
-    from rlhfkit.rollout import NucleusSampler
+    from rlhfkit.generation import NucleusSampler
 
     lm, tok = load_policy(ModelConfig(name_or_path=args.model, max_length=512))
     lm.eval()

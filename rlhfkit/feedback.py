@@ -84,7 +84,7 @@ def load_lm(model: ModelConfig, adapter_path: Optional[str] = None, cpu: bool = 
 
 class ChatGenerator:
     """A :data:`ChatFn` over a Hugging Face model: renders each conversation (chat template when
-    the tokenizer has one) and samples a reply with ``rlhfkit.rollout.generate``. With
+    the tokenizer has one) and samples a reply with ``rlhfkit.generation.generate``. With
     ``generation.backend: openai`` the conversations go to the endpoint's chat API as messages
     (the system prompt first) and no local model is needed (``model``, ``tokenizer`` None)."""
 
@@ -98,7 +98,7 @@ class ChatGenerator:
         return render(conversation, self.tokenizer, self.chat_template, self.system_prompt)
 
     def __call__(self, conversations: list[list[Message]], temperature: Optional[float] = None) -> list[str]:
-        from rlhfkit.rollout import generate
+        from rlhfkit.generation import generate
 
         gen = self.generation if temperature is None else dataclasses.replace(self.generation, temperature=temperature)
         if gen.backend == "openai":

@@ -4,7 +4,6 @@ resume whose config no longer fits the checkpoint is an error naming the key."""
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 from pathlib import Path
 

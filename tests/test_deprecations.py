@@ -26,24 +26,24 @@ def test_deprecation_raised_from_an_rlhfkit_module_is_an_error(category):
 
 
 def test_old_cache_keyword_in_rlhfkit_generation_fails_and_is_attributed_to_rlhfkit(tiny_llama, monkeypatch):
-    """Put the deprecated keyword back into rollout.generate_ids: the test fails with the warning,
-    and the warning's frame is rlhfkit/rollout.py (so the module rule alone would catch it)."""
-    import rlhfkit.rollout as rollout
+    """Put the deprecated keyword back into generation.generate_ids: the test fails with the warning,
+    and the warning's frame is rlhfkit/generation.py (so the module rule alone would catch it)."""
+    import rlhfkit.generation as generation
     from rlhfkit.config import GenerationConfig, ModelConfig
     from rlhfkit.models import cache_kwarg, load_policy
 
     model, tok = load_policy(ModelConfig(name_or_path=tiny_llama))
     if cache_kwarg(model) != "cache":
         pytest.skip("this transformers still calls it past_key_values")
-    monkeypatch.setattr(rollout, "cache_kwarg", lambda m: "past_key_values")
+    monkeypatch.setattr(generation, "cache_kwarg", lambda m: "past_key_values")
     gen = GenerationConfig(max_new_tokens=3, do_sample=False)
     with pytest.raises(FutureWarning, match="`past_key_values` is deprecated"):
-        rollout.generate_ids(model, tok, [[5, 6, 7]], gen)
+        generation.generate_ids(model, tok, [[5, 6, 7]], gen)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        rollout.generate_ids(model, tok, [[5, 6, 7]], gen)
+        generation.generate_ids(model, tok, [[5, 6, 7]], gen)
     hits = [w for w in seen if "past_key_values" in str(w.message)]
-    assert hits and all(w.filename.endswith("rlhfkit/rollout.py") for w in hits), [(w.filename, str(w.message)) for w in seen]
+    assert hits and all(w.filename.endswith("rlhfkit/generation.py") for w in hits), [(w.filename, str(w.message)) for w in seen]
 
 
 def test_renamed_transformers_keyword_through_forward_is_an_error(tiny_llama):
@@ -68,7 +68,7 @@ def test_generation_with_shared_prefill_uses_the_current_cache_keyword(fixture, 
     with it: neither may warn. Equal outputs with and without the shared prefill (greedy)."""
     from rlhfkit.config import GenerationConfig, ModelConfig
     from rlhfkit.models import load_policy
-    from rlhfkit.rollout import generate_ids
+    from rlhfkit.generation import generate_ids
 
     model, tok = load_policy(ModelConfig(name_or_path=request.getfixturevalue(fixture)))
     gen = GenerationConfig(max_new_tokens=6, do_sample=False)

@@ -221,7 +221,7 @@ def test_generation_and_sampled_kl(tiny_llama, lora_adapter, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.config import GenerationConfig
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     other = save_tiny("llama", tmp_path / "other", seed=1)
     prompts = [{"prompt": p} for p in ("the cat sees", "a dog runs to the", "hello friend", "the sun", "one two", "red")]
@@ -243,7 +243,7 @@ def test_generation_and_sampled_kl(tiny_llama, lora_adapter, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     texts = [p["prompt"] for p in prompts]
     g = GenerationConfig(**gen)
-    expected = generate(base, tok, texts, g, seed=3)  # the recipe samples exactly what rollout.generate does
+    expected = generate(base, tok, texts, g, seed=3)  # the recipe samples exactly what generation.generate does
     samples = {s["prompt"]: s for s in map(json.loads, (tmp_path / "out" / "samples.jsonl").read_text().splitlines())}
     assert [samples[t]["completions"]["before"] for t in texts] == expected
     assert [samples[t]["completions"]["same"] for t in texts] == expected
@@ -399,7 +399,7 @@ def test_samples_per_prompt_scores_every_sample(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhfkit.config import GenerationConfig
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     texts = ["the cat sees", "a dog runs to the", "hello friend"]
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in texts])

@@ -387,10 +387,10 @@ def test_killed_server_loses_no_judgement(tmp_path):
 
 
 def test_models_source_with_real_tiny_models(tmp_path, tiny_gpt2):
-    """The same path without stubs: a real tiny GPT-2 sampled through rlhfkit.rollout.generate."""
+    """The same path without stubs: a real tiny GPT-2 sampled through rlhfkit.generation.generate."""
     from rlhfkit.config import GenerationConfig, ModelConfig
     from rlhfkit.models import load_policy
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"the cat {i}"} for i in range(2)])
     cfg = make_cfg(tmp_path, "source=models", f"path={prompts}", f"model.name_or_path={tiny_gpt2}",

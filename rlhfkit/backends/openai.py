@@ -3,7 +3,7 @@
 For generation-only commands (eval, prefs, judge, constitutional, redteam); training commands
 refuse it (``backends.require_training_backend``): an endpoint cannot hold the weights being trained.
 
-* Prompts that ``rlhfkit.rollout.generate`` gets (already rendered with the chat template where
+* Prompts that ``rlhfkit.generation.generate`` gets (already rendered with the chat template where
   the recipe uses one) go to the **completions** endpoint as text; conversations
   (``feedback.ChatGenerator``: constitutional, redteam) and judge prompts go to the **chat**
   endpoint as messages.

@@ -232,7 +232,7 @@ class VLLMEngine:
                 if eos in toks:
                     cut = toks.index(eos) + 1
                     toks, lp = toks[:cut], lp[:cut]
-                else:  # as rollout.generate_ids: trailing pad tokens are not part of the response
+                else:  # as generation.generate_ids: trailing pad tokens are not part of the response
                     while toks and toks[-1] == pad and pad != eos:
                         toks.pop()
                         lp.pop()
@@ -286,7 +286,7 @@ def generate_ids(hf: nn.Module, tokenizer, prompt_ids: list[list[int]], gen: Gen
 
     Engine construction, weight pushes and sampling all run in inference mode: tensors vLLM
     creates there are inference tensors, which may only be updated in inference mode again
-    (``rollout.generate_ids`` runs in it, ``rollout.rollout`` does not)."""
+    (``generation.generate_ids`` runs in it, ``rollout.rollout`` does not)."""
     with torch.inference_mode():
         return _generate_ids(hf, tokenizer, prompt_ids, gen, max_new_tokens)
 

@@ -345,7 +345,7 @@ def answer_nll(model, tok, prompts: list[str], responses: list[list[int]],
 def generate_samples(model, tok, prompts: list[str], gen: GenerationConfig, seed: int, progress: bool,
                      desc: str) -> tuple[list[str], list[list[int]]]:
     """(texts, sampled token ids) per prompt, so KL is computed on the tokens actually sampled."""
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     return generate(model, tok, prompts, gen, progress=progress, seed=seed, desc=desc, return_ids=True)
 

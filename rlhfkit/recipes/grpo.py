@@ -73,11 +73,12 @@ from rlhfkit.config import (
 from rlhfkit.data import StepBatcher
 from rlhfkit.distributed import unsharded
 from rlhfkit.engine import Engine, process_info, total_steps_for
+from rlhfkit.generation import sample_max_new_tokens
 from rlhfkit.models import save_pretrained
 from rlhfkit.policy import PolicyModel, build_reference
 from rlhfkit.recipes._online import HeldOutEval, check_sharded_generation, online_eval_metrics, online_prompts
 from rlhfkit.rollout import (MODEL_KEYS, Rollout, grouped_permutation, load_online_policy, make_experience,
-                             make_reward, sample_max_new_tokens, take_rows)
+                             make_reward, take_rows)
 from rlhfkit.utils import logger, seed_everything
 from rlhfkit.backends import require_training_backend
 

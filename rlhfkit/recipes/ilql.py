@@ -472,7 +472,7 @@ class ILQLModel(nn.Module):
 
 
 class AdvantageShiftedLM(nn.Module):
-    """The LM seen by ``rlhfkit.rollout.generate``: its ``generate`` adds the ILQL shift as the first
+    """The LM seen by ``rlhfkit.generation.generate``: its ``generate`` adds the ILQL shift as the first
     logits processor (before the sampler's temperature, top-k and top-p)."""
 
     def __init__(self, model: ILQLModel, beta: float):
@@ -506,8 +506,8 @@ class AdvantageShiftedLM(nn.Module):
 def decode(model: nn.Module, tokenizer, prompts: Sequence[str], gen: GenerationConfig,
            seed: Optional[int] = None) -> list[str]:
     """Completions (text) for ``prompts`` from a ``PolicyModel`` or an ``ILQLModel.shifted(beta)``,
-    ``gen.batch_size`` prompts of similar length at a time (``rlhfkit.rollout.generate_ids``)."""
-    from rlhfkit.rollout import generate_ids, sample_max_new_tokens
+    ``gen.batch_size`` prompts of similar length at a time (``rlhfkit.generation.generate_ids``)."""
+    from rlhfkit.generation import generate_ids, sample_max_new_tokens
 
     seq2seq = is_seq2seq_config(model.config)
     if seed is not None:

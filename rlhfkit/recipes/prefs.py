@@ -298,9 +298,9 @@ def judge_scorer(judge) -> Scorer:
 
 def model_sampler(model, tokenizer, cfg: Config) -> SampleFn:
     """Sampling from a Hugging Face model: the user prompt wrapped like ``rlhfkit.data`` wraps it
-    for training (chat template, system prompt), then ``rlhfkit.rollout.generate``."""
+    for training (chat template, system prompt), then ``rlhfkit.generation.generate``."""
     from rlhfkit.data import wrap_prompt
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     def sample(prompts: list[str], temperature: float) -> list[str]:
         gen = dataclasses.replace(cfg.generation, temperature=temperature)
