@@ -1,5 +1,6 @@
-"""examples/detox_reward_model.yaml on tiny models: reward model -> PPO with checkpoints -> eval of
-every checkpoint, and the proxy/gold-vs-KL table and plot (the over-optimisation curve)."""
+"""examples/detox_reward_model.yaml on tiny models: pairs of the policy's own answers ranked by the
+gold classifier -> reward model on them -> PPO with checkpoints -> eval of every checkpoint, and the
+proxy/gold-vs-KL table and plot (the over-optimisation curve)."""
 from __future__ import annotations
 
 import json
@@ -27,9 +28,13 @@ def detox_rm_run(tmp_path_factory, tiny_dir):
     cfg.output_dir = str(tmp / "pipe")
     data = ROOT / "examples/data"
     model = f"{{name_or_path: '{gpt2}'}}"
-    over = [f"reward.model.name_or_path={bert}", "reward.train.max_steps=4", "reward.eval.every=0",
-            f"reward.data.path={data / 'toxicity_prefs.jsonl'}",
-            f"reward.data.eval_path={data / 'toxicity_prefs_test.jsonl'}",
+    rows = [json.loads(x) for x in (data / "detox_prompts.jsonl").read_text().splitlines()]
+    short = [r for r in rows if r["split"] == "train" and len(r["prompt"]) < 120][:12]  # fit the tiny GPT-2
+    (tmp / "pairs_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    over = [f"pairs.model.name_or_path={gpt2}", f"pairs.data.path={tmp / 'pairs_prompts.jsonl'}",
+            "pairs.generation.max_new_tokens=8", "pairs.min_gap=0.0", "pairs.progress=false",
+            f"reward.model.name_or_path={bert}", "reward.train.max_steps=4", "reward.train.batch_size=4",
+            "reward.eval.every=0",
             f"ppo.model.name_or_path={gpt2}", "ppo.train.max_steps=3", "ppo.train.checkpoint_every=1",
             "ppo.rollout_batch_size=8", "ppo.train.batch_size=4", "ppo.generation.max_new_tokens=8",
             "ppo.data.max_rows=32", "ppo.data.max_prompt_length=64", f"ppo.data.path={data / 'detox_prompts.jsonl'}",
@@ -62,6 +67,15 @@ def test_every_checkpoint_is_evaluated_along_kl(detox_rm_run):
         for j in ("proxy_rm", "gold"):
             assert p["judges"][j]["mean"] == pytest.approx(np.mean([s["judges"][j][p["model"]] for s in samples]))
             assert p["judges"][j]["low"] <= p["judges"][j]["mean"] <= p["judges"][j]["high"]
+    # the reward model learned from the pairs stage's ranking of the policy's own answers by the gold judge
+    from rlhfkit.rewards import Toxicity
+
+    pairs = [json.loads(x) for x in (pipe / "pairs" / "prefs.jsonl").read_text().splitlines()]
+    assert pairs and all(set(p) >= {"prompt", "chosen", "rejected"} for p in pairs)
+    gold = Toxicity(backend="profanity_check", invert=True)
+    for p in pairs[:4]:
+        chosen, rejected = gold([p["prompt"]] * 2, [p["chosen"], p["rejected"]])
+        assert chosen >= rejected
     # the proxy is the reward model of the reward stage, scored on prompt + answer
     from rlhfkit.rewards import RewardModel
 
