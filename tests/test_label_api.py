@@ -290,7 +290,7 @@ def test_prefs_source_keeps_machine_label_for_audit(tmp_path):
     assert [r["machine_agrees"] for r in exported] == [True, True, True, False]
 
 
-def test_models_source_samples_on_the_fly_through_the_rollout_layer(tmp_path, monkeypatch):
+def test_models_source_samples_on_the_fly_through_rlhfkit_generation(tmp_path, monkeypatch):
     calls = {"load": [], "generate": []}
 
     def load_policy(model_cfg, lora_cfg=None):
@@ -302,7 +302,7 @@ def test_models_source_samples_on_the_fly_through_the_rollout_layer(tmp_path, mo
         return [f"{model} says {p}" for p in prompts]
 
     monkeypatch.setitem(sys.modules, "rlhfkit.models", types.SimpleNamespace(load_policy=load_policy))
-    monkeypatch.setitem(sys.modules, "rlhfkit.rollout", types.SimpleNamespace(generate=generate))
+    monkeypatch.setitem(sys.modules, "rlhfkit.generation", types.SimpleNamespace(generate=generate))
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}"} for i in range(3)])
     cfg = make_cfg(tmp_path, "source=models", f"path={prompts}", "model.name_or_path=base",
                    "model_b.name_or_path=tuned", "generation.batch_size=2", "generation.max_new_tokens=7")
